@@ -1,0 +1,129 @@
+"""The manifest contract: one row per image, label space stored in the Parquet metadata.
+
+Columns: image_id (unique, path relative to the dataset root), path (absolute or URI),
+patient_id, study_id (nullable), view (nullable), split (nullable until split), then one
+float32 column per class, NaN = no supervision. Pure: pandas/pyarrow only.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cxrray.labels import LabelSpace
+
+BASE_COLUMNS: tuple[str, ...] = ("image_id", "path", "patient_id", "study_id", "view", "split")
+META_KEY = b"cxrray.label_space"
+EXTRA_META_KEY = b"cxrray.manifest_info"
+
+
+class ManifestError(ValueError):
+    """A manifest (or the CSV behind it) is not usable; the message says how to fix it."""
+
+
+@dataclass
+class Skipped:
+    """Rows a source left out, with why; every source reports these instead of dropping silently."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, item: str, reason: str, detail: str = "") -> None:
+        self.rows.append({"item": item, "reason": reason, "detail": detail})
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["item", "reason", "detail"])
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r["reason"]] = out.get(r["reason"], 0) + 1
+        return out
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class SourceResult:
+    """What every source adapter returns."""
+
+    manifest: pd.DataFrame
+    label_space: LabelSpace
+    skipped: Skipped = field(default_factory=Skipped)
+    info: dict = field(default_factory=dict)  # source-specific extras (duplicates, boxes count, ...)
+
+
+def empty_manifest(label_space: LabelSpace) -> pd.DataFrame:
+    cols = {c: pd.Series(dtype="object") for c in BASE_COLUMNS}
+    cols.update({n: pd.Series(dtype="float32") for n in label_space.columns})
+    return pd.DataFrame(cols)
+
+
+def normalise(df: pd.DataFrame, label_space: LabelSpace) -> pd.DataFrame:
+    """Put columns in contract order and dtypes; keeps extra columns (e.g. sex, age) at the end."""
+    df = df.copy()
+    for c in BASE_COLUMNS:
+        if c not in df.columns:
+            df[c] = None
+    for n in label_space.columns:
+        if n not in df.columns:
+            raise ManifestError(f"manifest lacks label column {n!r} (label space {list(label_space.names)})")
+        df[n] = df[n].astype("float32")
+    for c in ("image_id", "path", "patient_id"):
+        df[c] = df[c].astype(str)
+    extra = [c for c in df.columns if c not in BASE_COLUMNS and c not in label_space.columns]
+    return df[list(BASE_COLUMNS) + list(label_space.columns) + extra].reset_index(drop=True)
+
+
+def validate(df: pd.DataFrame, label_space: LabelSpace) -> None:
+    missing = [c for c in ("image_id", "path", "patient_id", *label_space.columns) if c not in df.columns]
+    if missing:
+        raise ManifestError(f"manifest is missing columns {missing}")
+    dup = df["image_id"][df["image_id"].duplicated()]
+    if len(dup):
+        raise ManifestError(f"image_id must be unique; {len(dup)} duplicates, e.g. {dup.iloc[0]!r}")
+    if "split" in df.columns and df["split"].notna().any():
+        bad = set(df["split"].dropna().unique()) - {"train", "valid", "test"}
+        if bad:
+            raise ManifestError(f"split values must be train/valid/test, found {sorted(bad)}")
+
+
+def write_manifest(df: pd.DataFrame, label_space: LabelSpace, out: str | Path, info: dict | None = None) -> Path:
+    df = normalise(df, label_space)
+    validate(df, label_space)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[META_KEY] = json.dumps(label_space.to_dict()).encode()
+    meta[EXTRA_META_KEY] = json.dumps(info or {}, default=str).encode()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.replace_schema_metadata(meta), out)
+    return out
+
+
+def read_manifest(path: str | Path) -> tuple[pd.DataFrame, LabelSpace]:
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"{path}: no such manifest; build one with `cxrray manifest`")
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    if META_KEY not in meta:
+        raise ManifestError(f"{path}: not a cxrray manifest (no label space in its metadata)")
+    space = LabelSpace.from_dict(json.loads(meta[META_KEY]))
+    df = table.to_pandas()
+    validate(df, space)
+    return df, space
+
+
+def manifest_info(path: str | Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(EXTRA_META_KEY, b"{}"))
+
+
+def label_matrix(df: pd.DataFrame, label_space: LabelSpace) -> np.ndarray:
+    return df[list(label_space.columns)].to_numpy(dtype=np.float32)
