@@ -1,0 +1,191 @@
+"""The one Predictor: load an artifact, apply its own preprocessing, run the model.
+
+Batch scoring uses it as a Ray Data actor (`map_batches(Predictor, ...)`), Serve wraps it in a
+deployment. Decoding is a separate, pure step (`decode_batch`) so a pipeline can run it on
+CPU tasks while GPU actors only do forward passes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from cxrray.artifact import load_artifact
+from cxrray.heads import logits_to_probs
+from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_bytes, load_image
+from cxrray.labels import MULTICLASS
+from cxrray.transforms import Preprocess, preprocess_image
+
+log = logging.getLogger(__name__)
+
+
+def reserved_cpus(default: int | None = None) -> int:
+    """CPUs this Ray task/actor reserved (Ray starts workers with OMP_NUM_THREADS=1, so torch
+    would otherwise use one thread); outside Ray, the machine's cores."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                return max(1, int(cpus))
+    except Exception:  # noqa: BLE001 - outside a Ray worker there is no context; fall through
+        pass
+    return default or os.cpu_count() or 1
+
+
+def decode_one(path: str, pre: Preprocess, *, max_pixels: int, max_bytes: int) -> tuple[np.ndarray, str | None]:
+    """(uint8 [1,S,S], None) or (zeros, "reason: detail") for an unreadable file."""
+    try:
+        return preprocess_image(load_image(path, max_pixels=max_pixels, max_bytes=max_bytes), pre), None
+    except ImageError as e:
+        return np.zeros((1, pre.size, pre.size), np.uint8), f"{e.reason}: {e}"
+    except Exception as e:  # noqa: BLE001 - any other failure on one file must not kill the batch
+        return np.zeros((1, pre.size, pre.size), np.uint8), f"corrupt: {path}: {type(e).__name__}: {e}"
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    pre: Preprocess,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> dict[str, np.ndarray]:
+    """Adds `image` (uint8 [N,1,S,S]) and `error` (None or reason) for the paths in `batch`."""
+    decoded = [decode_one(str(p), pre, max_pixels=max_pixels, max_bytes=max_bytes) for p in batch["path"]]
+    out = dict(batch)
+    out["image"] = np.stack([d[0] for d in decoded]) if decoded else np.zeros((0, 1, pre.size, pre.size), np.uint8)
+    out["error"] = np.array([d[1] for d in decoded], dtype=object)
+    return out
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Predictor:
+    """Artifact -> probabilities. Callable on Ray Data batches (columns `path` or `image`)."""
+
+    def __init__(
+        self,
+        artifact: str | Path,
+        *,
+        device: str = "auto",
+        num_threads: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ):
+        self.device = pick_device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(num_threads or reserved_cpus())
+        self.model, self.meta = load_artifact(artifact, self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self.prob_columns = self.label_space.prob_columns
+        log.info("Predictor %s (%s) on %s, %d threads", self.model_id, self.meta.architecture, self.device,
+                 torch.get_num_threads())
+
+    @property
+    def label_space(self):
+        return self.meta.label_space
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.meta.preprocess
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return np.asarray(self.meta.thresholds, dtype=np.float32)
+
+    @property
+    def model_id(self) -> str:
+        return self.meta.model_id
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return nullcontext()
+
+    def model_input(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @torch.inference_mode()
+    def predict_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N,1,S,S] -> float32 probabilities [N,K]."""
+        if len(images) == 0:
+            return np.zeros((0, self.label_space.num_classes), np.float32)
+        with self._autocast():
+            logits = self.model(self.model_input(images))
+        return logits_to_probs(logits, self.label_space).float().cpu().numpy()
+
+    def prepare_bytes(self, data: bytes, source: str = "<upload>") -> np.ndarray:
+        """Image bytes -> uint8 [1,S,S]; raises imaging.ImageError for a bad file."""
+        return preprocess_image(decode_bytes(data, source=source, max_pixels=self.max_pixels), self.preprocess)
+
+    def decisions(self, probs: np.ndarray) -> np.ndarray:
+        """Boolean [N,K]: multi-label uses the per-class thresholds, multi-class the arg max."""
+        if self.label_space.task == MULTICLASS:
+            return probs == probs.max(axis=1, keepdims=True)
+        return probs >= self.thresholds[None, :]
+
+    def describe(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        """Per-image JSON-able results: class -> probability, threshold, decision."""
+        names = self.label_space.names
+        dec = self.decisions(probs)
+        return [
+            {
+                "model_id": self.model_id,
+                "classes": {
+                    n: {"probability": float(p[k]), "threshold": float(self.thresholds[k]), "positive": bool(d[k])}
+                    for k, n in enumerate(names)
+                },
+                "positive": [n for k, n in enumerate(names) if d[k]],
+            }
+            for p, d in zip(probs, dec)
+        ]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ray Data batch -> prediction rows (the predictions-Parquet contract)."""
+        if "image" not in batch:
+            batch = decode_batch(batch, self.preprocess, self.max_pixels, self.max_bytes)
+        errors = np.asarray(batch.get("error", [None] * len(batch["image"])), dtype=object)
+        good = np.array([e is None for e in errors], dtype=bool)
+        n = len(errors)
+        probs = np.full((n, self.label_space.num_classes), np.nan, np.float32)
+        if good.any():
+            probs[good] = self.predict_images(np.asarray(batch["image"])[good])
+        dec = self.decisions(np.nan_to_num(probs, nan=-1.0))
+        names = self.label_space.names
+        out: dict[str, np.ndarray] = {
+            "image_id": np.asarray(batch.get("image_id", batch["path"]), dtype=object),
+            "path": np.asarray(batch["path"], dtype=object),
+        }
+        for k, col in enumerate(self.prob_columns):
+            out[col] = probs[:, k]
+        out["positive"] = np.array(
+            [[names[k] for k in np.flatnonzero(d)] if ok else None for d, ok in zip(dec, good)], dtype=object
+        )
+        out["model_id"] = np.array([self.model_id] * n, dtype=object)
+        out["error"] = errors
+        return out
+
+
+def predict_paths(predictor: Predictor, paths: Sequence[str], batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Plain-Python scoring of a list of files (no Ray): the reference the Ray job must match."""
+    parts = [predictor({"path": np.asarray(paths[i : i + batch_size], dtype=object)})
+             for i in range(0, len(paths), batch_size)]
+    if not parts:
+        return predictor({"path": np.asarray([], dtype=object)})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
