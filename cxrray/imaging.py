@@ -1,0 +1,435 @@
+"""Decode chest X-ray bytes (PNG, JPEG, DICOM) to one float32 channel in [0, 1], shape (H, W).
+
+Every failure is an `ImageError` subclass with a short `reason` code (`missing`, `empty`,
+`truncated`, `corrupt`, `not_an_image`, `unsupported`, `too_large`) and a message
+`"<source>: <what is wrong>"`, so batch scoring can write an error row and the HTTP server
+can pick a status code without parsing text. The format comes from magic bytes only, never
+from the file name. Sizes are checked from the header before any pixel is decoded.
+
+Pure: numpy, Pillow and pydicom (pyarrow, lazily, for URIs). No Ray, no torch.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import struct
+import zlib
+from typing import ClassVar
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
+from pydicom.uid import UID
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS: int = 40_000_000  # decompression-bomb cap on width * height
+DEFAULT_MAX_BYTES: int = 128 * 1024 * 1024
+SUPPORTED_FORMATS: tuple[str, ...] = ("png", "jpeg", "dicom")
+REASONS: tuple[str, ...] = (
+    "missing", "empty", "truncated", "corrupt", "not_an_image", "unsupported", "too_large",
+)
+
+
+class ImageError(ValueError):
+    """An image that cannot be decoded; `reason` is a short machine code, str() says why."""
+
+    reason: ClassVar[str]
+
+    def __init__(self, source: str, detail: str) -> None:
+        detail = " ".join(detail.split())  # one line: it ends up in CSV error rows and logs
+        super().__init__(f"{source}: {detail}")
+        self.source = source
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type[ImageError], tuple[str, str]]:
+        # Ray pickles exceptions between processes; the default reduce would call
+        # __init__(message) with one argument and fail on the other side.
+        return (type(self), (self.source, self.detail))
+
+
+class MissingFile(ImageError):
+    reason = "missing"
+
+
+class EmptyImage(ImageError):
+    reason = "empty"
+
+
+class TruncatedImage(ImageError):
+    reason = "truncated"
+
+
+class CorruptImage(ImageError):
+    reason = "corrupt"
+
+
+class NotAnImage(ImageError):
+    reason = "not_an_image"
+
+
+class UnsupportedFormat(ImageError):
+    reason = "unsupported"
+
+
+class ImageTooLarge(ImageError):
+    reason = "too_large"
+
+
+# ---------------------------------------------------------------------------- sniffing
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, _PNG_SIGNATURE, "png"),
+    (0, b"\xff\xd8\xff", "jpeg"),
+    (128, b"DICM", "dicom"),  # after the 128-byte preamble; preamble-less DICOM is not accepted
+    (0, b"GIF87a", "gif"),
+    (0, b"GIF89a", "gif"),
+    (0, b"II*\x00", "tiff"),
+    (0, b"MM\x00*", "tiff"),
+    (0, b"II+\x00", "tiff"),  # BigTIFF
+    (0, b"MM\x00+", "tiff"),
+    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000"),
+    (0, b"\xffO\xffQ", "jpeg2000"),  # bare codestream
+    (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n", "jpegxl"),
+    (0, b"8BPS", "psd"),
+    (0, b"%PDF-", "pdf"),
+    (0, b"PK\x03\x04", "zip"),
+    (0, b"PK\x05\x06", "zip"),  # empty archive
+    (0, b"\x1f\x8b", "gzip"),
+)
+_FTYP_BRANDS = {b"avif": "avif", b"avis": "avif", b"heic": "heif", b"heix": "heif", b"mif1": "heif"}
+_NOT_IMAGES = {
+    "pdf": "a PDF document, not an image",
+    "zip": "a ZIP archive, not an image (extract it first)",
+    "gzip": "a gzip stream, not an image (decompress it first)",
+}
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Name the format from magic bytes: a SUPPORTED_FORMATS entry, a known other format, or None."""
+    for offset, magic, name in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            return name
+    # Two-byte "BM" alone would match plenty of text; BMP's reserved header bytes are zero.
+    if data[:2] == b"BM" and len(data) >= 14 and data[6:10] == b"\x00\x00\x00\x00":
+        return "bmp"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[4:8] == b"ftyp":
+        return _FTYP_BRANDS.get(data[8:12])
+    return None
+
+
+def _require_supported(data: bytes, source: str) -> str:
+    """Return the format of `data`, or raise the error that says why it cannot be decoded."""
+    if not data:
+        raise EmptyImage(source, "empty file (0 bytes)")
+    fmt = sniff_format(data)
+    if fmt in SUPPORTED_FORMATS:
+        return fmt
+    if fmt is None and len(data) < len(_PNG_SIGNATURE) and _PNG_SIGNATURE.startswith(data):
+        raise TruncatedImage(source, f"truncated PNG (read {len(data)} of the 8 signature bytes)")
+    if fmt in _NOT_IMAGES:
+        raise NotAnImage(source, _NOT_IMAGES[fmt])
+    if fmt is not None:
+        raise UnsupportedFormat(source, f"{fmt.upper()} image; supported formats: png, jpeg, dicom")
+    raise NotAnImage(source, f"not a PNG, JPEG or DICOM file (starts with {data[:24]!r})")
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def decode_bytes(
+    data: bytes, *, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode PNG/JPEG/DICOM bytes to a float32 (H, W) array in [0, 1]; raise ImageError."""
+    if not isinstance(data, bytes):
+        data = bytes(data)  # bytearray / memoryview from callers; slicing below needs bytes
+    fmt = _require_supported(data, source)
+    if fmt == "dicom":
+        return _decode_dicom(data, source, max_pixels)
+    return _decode_pil(data, fmt, source, max_pixels)
+
+
+def read_bytes(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Read a local path or a pyarrow-understood URI (s3://, file://, ...), refusing big files.
+
+    Missing files raise MissingFile; network or credential failures on URIs propagate as
+    OSError, since they are not a property of the file and should stop a batch job.
+    """
+    path = os.fspath(path)
+    if "://" in path:
+        return _read_uri(path, max_bytes)
+    try:
+        with open(path, "rb") as f:
+            _check_bytes(path, os.fstat(f.fileno()).st_size, max_bytes)
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise MissingFile(path, "no such file") from None
+    except IsADirectoryError:
+        raise MissingFile(path, "is a directory, not an image file") from None
+    except PermissionError:
+        raise MissingFile(path, "cannot read the file (permission denied)") from None
+    _check_bytes(path, len(data), max_bytes)  # the file may have grown since fstat
+    return data
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> np.ndarray:
+    """read_bytes + decode_bytes, with errors naming `path`."""
+    data = read_bytes(path, max_bytes=max_bytes)
+    return decode_bytes(data, source=os.fspath(path), max_pixels=max_pixels)
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """[0, 1] float image -> uint8 (rounded, values outside [0, 1] clipped), for shards/overlays."""
+    return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _check_bytes(source: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise ImageTooLarge(source, f"file is {size:,} bytes, over the cap of {max_bytes:,} bytes")
+
+
+def _read_uri(uri: str, max_bytes: int) -> bytes:
+    # Imported here: pyarrow takes a noticeable time to import and local paths never need it.
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid as e:
+        raise MissingFile(uri, f"cannot open this URI ({e})") from e
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise MissingFile(uri, "no such file")
+    if info.type != pafs.FileType.File:
+        raise MissingFile(uri, "is a directory, not an image file")
+    _check_bytes(uri, info.size, max_bytes)
+    with fs.open_input_stream(path) as f:
+        data = f.read(max_bytes + 1)
+    _check_bytes(uri, len(data), max_bytes)
+    return data
+
+
+def _check_pixels(source: str, kind: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            source,
+            f"{kind} declares {width:,}x{height:,} = {width * height:,} pixels, "
+            f"over the cap of {max_pixels:,}",
+        )
+
+
+# ---------------------------------------------------------------------------- PNG / JPEG
+
+# The plugin classes parse only the header. Image.open would also run PIL's global
+# MAX_IMAGE_PIXELS check (a warning, then DecompressionBombError); our per-call cap replaces it.
+_PIL_OPENERS = {"png": PngImagePlugin.PngImageFile, "jpeg": JpegImagePlugin.JpegImageFile}
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _decode_pil(data: bytes, fmt: str, source: str, max_pixels: int) -> np.ndarray:
+    try:
+        im = _PIL_OPENERS[fmt](io.BytesIO(data))
+        _check_pixels(source, fmt.upper(), im.width, im.height, max_pixels)
+        # PIL would return a half-decoded image if someone set this process-wide flag;
+        # we do not reset their setting, but we refuse to hand back a partial image.
+        if ImageFile.LOAD_TRUNCATED_IMAGES and (cut := _pil_truncation(data, fmt)):
+            raise TruncatedImage(source, cut)
+        im.load()
+        return _pil_to_unit(im)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(source, str(e)) from e
+    except _PIL_ERRORS as e:
+        cut = _pil_truncation(data, fmt)
+        if cut is None and "truncated" in str(e).lower():
+            cut = f"truncated {fmt.upper()} ({e})"
+        if cut is not None:
+            raise TruncatedImage(source, cut) from e
+        raise CorruptImage(source, f"corrupt {fmt.upper()} ({e})") from e
+
+
+def _pil_to_unit(im: Image.Image) -> np.ndarray:
+    # Fixed scaling by bit depth, not per-image min-max, so a value means the same in every image.
+    if im.mode in _SIXTEEN_BIT_MODES:
+        return np.divide(np.asarray(im), 65535, dtype=np.float32)
+    if im.mode == "I":  # 32-bit container for 16-bit samples from older writers
+        out = np.divide(np.asarray(im), 65535, dtype=np.float32)
+        return np.clip(out, 0.0, 1.0, out=out)
+    if im.mode != "L":
+        # ITU-R 601-2 luma in C; drops alpha (NIH's RGBA PNGs are opaque) and resolves palettes.
+        im = im.convert("L")
+    return np.divide(np.asarray(im), 255, dtype=np.float32)
+
+
+def _pil_truncation(data: bytes, fmt: str) -> str | None:
+    """Say how `data` is cut short, or None if its structure looks complete (or is garbage)."""
+    if fmt == "jpeg":
+        if data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            return None
+        return f"truncated JPEG (read {len(data):,} bytes; no end-of-image marker)"
+    return _png_truncation(data)
+
+
+def _png_truncation(data: bytes) -> str | None:
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, ctype = struct.unpack_from(">I4s", data, pos)
+        if length > 2**31 - 1 or not ctype.isalpha():
+            return None  # a garbage chunk header is corruption, not truncation
+        if ctype == b"IEND":
+            return None
+        end = pos + 12 + length  # length, type, data, CRC
+        if end > len(data):
+            return (
+                f"truncated PNG (read {len(data):,} of at least {end:,} bytes; "
+                f"{ctype.decode('ascii')} chunk cut short)"
+            )
+        pos = end
+    return f"truncated PNG (read {len(data):,} bytes; no IEND chunk)"
+
+
+# ---------------------------------------------------------------------------- DICOM
+
+_PIXEL_DATA = 0x7FE00010
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD), ends encapsulated pixel data
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as PIL uses for PNG/JPEG
+def _decode_dicom(data: bytes, source: str, max_pixels: int) -> np.ndarray:
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        _check_dicom_complete(ds, data, source)
+        _check_dicom_size(ds, source, max_pixels)
+        arr = _dicom_first_frame(ds, data, source)
+        return _dicom_to_unit(arr, ds, source)
+    except (ImageError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        # pydicom converts elements lazily, so one bad value can surface as almost any error.
+        logger.debug("%s: DICOM decode failed", source, exc_info=True)
+        raise CorruptImage(source, f"corrupt DICOM ({type(e).__name__}: {e})") from e
+
+
+def _check_dicom_complete(ds: Dataset, data: bytes, source: str) -> None:
+    """Raise unless `ds` has a transfer syntax and all of its pixel data (touches no pixels)."""
+    # pydicom reads a cut file without complaint: it drops or shortens the last element.
+    read = f"read {len(data):,} bytes"
+    if "TransferSyntaxUID" not in ds.file_meta:
+        if len(ds.file_meta) == 0:  # not even one group-2 element: garbage after "DICM"
+            raise CorruptImage(source, "corrupt DICOM (no readable file meta information)")
+        raise TruncatedImage(source, f"truncated DICOM ({read}; file meta cut short)")
+    if _PIXEL_DATA not in ds:
+        if len(ds) == 0 or "Rows" in ds:
+            detail = f"truncated DICOM ({read}; file ends before its pixel data is complete)"
+            raise TruncatedImage(source, detail)
+        sop = UID(str(ds.get("SOPClassUID", "")))
+        raise NotAnImage(source, f"DICOM object without pixel data (SOP class {sop.name or 'unknown'})")
+    raw = ds.get_item(_PIXEL_DATA)
+    tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", _UNDEFINED_LENGTH)
+    if tell is not None and length != _UNDEFINED_LENGTH and tell + length > len(data):
+        raise TruncatedImage(source, f"truncated DICOM (read {len(data):,} of {tell + length:,} bytes)")
+
+
+def _check_dicom_size(ds: Dataset, source: str, max_pixels: int) -> None:
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows <= 0 or cols <= 0:
+        raise CorruptImage(source, f"DICOM pixel data with invalid Rows/Columns ({rows}x{cols})")
+    _check_pixels(source, "DICOM", cols, rows, max_pixels)
+
+
+def _dicom_first_frame(ds: Dataset, data: bytes, source: str) -> np.ndarray:
+    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    _require_dicom_decoder(syntax, source)
+    try:
+        # Only frame 0: radiographs are single-frame; a multi-frame object must not
+        # allocate every frame just to be reduced to one.
+        return pydicom.pixels.pixel_array(ds, index=0)
+    except (ValueError, RuntimeError, OSError, EOFError, KeyError, struct.error) as e:
+        if syntax.is_compressed and _SEQUENCE_DELIMITER not in data[-64:]:
+            detail = f"truncated DICOM (read {len(data):,} bytes; encapsulated pixel data not closed)"
+            raise TruncatedImage(source, detail) from e
+        raise CorruptImage(source, f"corrupt DICOM pixel data ({e})") from e
+
+
+def _require_dicom_decoder(syntax: UID, source: str) -> None:
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise UnsupportedFormat(
+            source, f"DICOM transfer syntax {syntax.name or syntax} has no pixel decoder in pydicom"
+        ) from None
+    if not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies) or "an extra plugin"
+        raise UnsupportedFormat(
+            source,
+            f"DICOM transfer syntax {syntax.name} ({syntax}) is compressed and no installed "
+            f"plugin decodes it; install one of: {needs}",
+        )
+
+
+def _dicom_to_unit(arr: np.ndarray, ds: Dataset, source: str) -> np.ndarray:
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if photometric == "PALETTE COLOR":
+        raise UnsupportedFormat(source, "PALETTE COLOR DICOM; radiographs are monochrome")
+    if arr.ndim == 3:
+        # pydicom already converted YBR to RGB; colour DICOM carries no modality/VOI LUT.
+        full_scale = 2 ** int(ds.get("BitsStored", 8)) - 1
+        out = (arr @ _LUMA) / full_scale
+    else:
+        out = _grayscale_to_unit(arr, ds, source)
+        if photometric == "MONOCHROME1":
+            out = 1.0 - out  # MONOCHROME1 stores bone dark; flip so bone is bright
+    out = np.nan_to_num(np.asarray(out, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _grayscale_to_unit(arr: np.ndarray, ds: Dataset, source: str) -> np.ndarray:
+    """Modality LUT (rescale), then VOI LUT or window, then [0, 1] over the displayed range."""
+    values = apply_modality_lut(arr, ds)
+    try:
+        windowed = _voi_to_unit(values, ds)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, NotImplementedError) as e:
+        logger.warning("%s: ignoring unusable VOI LUT/window (%s); using min-max", source, e)
+        windowed = None
+    return windowed if windowed is not None else _min_max(values)
+
+
+def _voi_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Apply the VOI LUT (preferred, as pydicom does) or window, scaled by its output range."""
+    if ds.get("VOILUTSequence"):  # an empty sequence means "no LUT", as in pydicom
+        n_entries, first, _bits = ds.VOILUTSequence[0].LUTDescriptor
+        if values.dtype.kind == "f":  # a LUT is indexed by integers; pydicom warns on floats
+            values = np.rint(values).astype(np.int64)
+        out = apply_voi(values, ds)
+        full = apply_voi(np.arange(first, first + (n_entries or 65536)), ds)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        out = apply_windowing(values, ds)
+        # pydicom clamps outside the window to an output range that depends on BitsStored,
+        # PixelRepresentation and the rescale; probing far outside it reads that range back.
+        full = apply_windowing(np.array([-1e12, 1e12]), ds)
+    else:
+        return None
+    lo, hi = float(np.min(full)), float(np.max(full))
+    return (out - lo) / (hi - lo) if hi > lo else None
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.float32)  # constant image: black, not NaN
+    return (values - lo) / (hi - lo)
