@@ -1,0 +1,305 @@
+"""`cxrray demo|synth|manifest|leakage|prepare|train|evaluate|score|serve`.
+
+Every subcommand prints a human summary and, with --json, a machine-readable summary as the
+last line of standard output. `main(argv)` takes a list so tests drive it end to end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger("cxrray")
+
+
+def _emit(args: argparse.Namespace, human: str, summary: dict[str, Any]) -> None:
+    print(human, flush=True)
+    if getattr(args, "json", False):
+        print(json.dumps(summary, default=str), flush=True)
+
+
+def _split_fracs(text: str) -> tuple[float, float, float]:
+    parts = [float(x) for x in text.split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("--split needs three fractions: train,valid,test (e.g. 0.8,0.1,0.1)")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+# --- synth -------------------------------------------------------------------------------------
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
+
+    s = write_synthetic_chexpert(args.out, SynthConfig(n_patients=args.n_patients, size=args.size, seed=args.seed),
+                                 progress=not args.json)
+    prevalence = ", ".join(f"{k} {v:.0%}" for k, v in s.prevalence.items())
+    _emit(args, f"wrote {s.n_images} synthetic chest X-rays of {s.n_patients} patients to {s.root} in "
+                f"{s.seconds:.1f}s\n  prevalence: {prevalence}\n  boxes: {s.boxes_csv}",
+          {"root": s.root, "n_images": s.n_images, "n_patients": s.n_patients, "prevalence": s.prevalence,
+           "train_csv": s.train_csv, "valid_csv": s.valid_csv, "boxes_csv": s.boxes_csv, "seconds": s.seconds})
+    return 0
+
+
+# --- manifest / leakage ----------------------------------------------------------------------------
+
+
+def _source_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if args.source in ("chexpert", "synthetic"):
+        from cxrray.labels import UncertaintyConfig
+
+        overrides = dict(o.split("=", 1) for o in args.uncertainty_override)
+        opts["uncertainty"] = UncertaintyConfig(args.uncertainty, overrides, args.blank)
+        if args.labels:
+            opts["labels"] = args.labels
+        if args.views:
+            opts["views"] = args.views.split(",")
+        if args.no_official_split:
+            opts["official_split"] = False
+    if args.source == "kermany":
+        opts["classes"] = args.classes
+    if args.source == "csv":
+        opts.update(path_col=args.path_col, label_cols=args.label_cols.split(",") if args.label_cols else None,
+                    class_col=args.class_col, patient_col=args.patient_col, split_col=args.split_col)
+    if args.no_check_files and args.source in ("chexpert", "synthetic", "nih", "csv"):
+        opts["check_files"] = False
+    return opts
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from cxrray.manifest import write_manifest
+    from cxrray.sources import load_source
+    from cxrray.splits import assign_splits, check_leakage
+
+    start = time.time()
+    res = load_source(args.source, args.root, **_source_options(args))
+    df = res.manifest
+    if args.split:
+        has_official = df["split"].notna().any()
+        df = assign_splits(df, res.label_space, args.split, seed=args.seed, respect_existing=has_official)
+    leak = None
+    if df["split"].notna().any() and not args.no_leakage_check:
+        leak = check_leakage(df, hash_images=not args.no_hash)
+    out = write_manifest(df, res.label_space, args.out, info={"source": args.source, "root": str(args.root),
+                                                                "skipped": res.skipped.counts()})
+    if len(res.skipped):
+        res.skipped.frame().to_csv(Path(out).with_suffix(".skipped.csv"), index=False)
+    splits = df["split"].value_counts(dropna=False).to_dict()
+    human = [f"manifest {out}: {len(df)} images, {df['patient_id'].nunique()} patients, "
+             f"{res.label_space.num_classes} classes ({res.label_space.task}) in {time.time() - start:.1f}s",
+             f"  splits: {splits}",
+             f"  skipped: {res.skipped.counts() or 'none'}"]
+    if len(res.skipped):
+        human.append(f"  skipped rows listed in {Path(out).with_suffix('.skipped.csv')}")
+    if leak is not None:
+        human.append("  leakage check: " + leak.summary())
+    _emit(args, "\n".join(human), {"manifest": out, "n_images": len(df), "n_patients": int(df["patient_id"].nunique()),
+                                   "labels": list(res.label_space.names), "splits": splits,
+                                   "skipped": res.skipped.counts(), "info": res.info,
+                                   "leakage": leak.to_dict() if leak else None})
+    return 0
+
+
+def cmd_leakage(args: argparse.Namespace) -> int:
+    from cxrray.manifest import read_manifest
+    from cxrray.splits import check_leakage
+
+    df, _ = read_manifest(args.manifest)
+    leak = check_leakage(df, hash_images=not args.no_hash)
+    _emit(args, leak.summary(), leak.to_dict())
+    return 0 if leak.ok or not args.strict else 3
+
+
+# --- prepare / train / evaluate ---------------------------------------------------------------------
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, configure_logging=False)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from cxrray.data import prepare_shards
+    from cxrray.manifest import read_manifest
+
+    _ray_init(args.ray_address)
+    df, space = read_manifest(args.manifest)
+    start = time.time()
+    info = prepare_shards(df, space, args.out, size=args.size, rows_per_shard=args.rows_per_shard,
+                          progress=not args.json)
+    secs = time.time() - start
+    _emit(args, f"prepared {sum(info.images.values())} images at {info.size} px into {args.out} "
+                f"({info.shards} shards; unreadable skipped: {info.errors}) in {secs:.1f}s",
+          {"out": args.out, "size": info.size, "shards": info.shards, "images": info.images, "errors": info.errors,
+           "seconds": secs})
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cxrray.config import TrainConfig, load_config
+    from cxrray.train import train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    res = train(cfg)
+    auroc = f"{res.best_val_mean_auroc:.4f}" if res.best_val_mean_auroc is not None else "n/a"
+    _emit(args, f"trained {cfg.model} for {res.epochs_done} epochs in {res.seconds:.0f}s: best validation mean "
+                f"AUROC {auroc}\n  best artifact: {res.best_artifact}\n  last artifact: {res.last_artifact}",
+          {k: v for k, v in res.to_dict().items() if k != "history"})
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cxrray.evaluate import evaluate
+
+    res = evaluate(args.artifact, args.manifest, args.out, split=args.split, bootstrap=args.bootstrap)
+    m = res.metrics
+    lines = [f"evaluated model {res.model_id} on {res.n_images} {args.split} images ({res.n_errors} unreadable)",
+             f"  mean AUROC: {m.mean_auroc:.4f}" if m.mean_auroc is not None else "  mean AUROC: n/a"]
+    if m.accuracy is not None:
+        lines.append(f"  accuracy: {m.accuracy:.4f}")
+    for c in m.per_class:
+        ci = f" [{c.auroc_ci[0]:.3f}, {c.auroc_ci[1]:.3f}]" if c.auroc_ci else ""
+        lines.append(f"  {c.name:28s} AUROC {c.auroc:.3f}{ci}" if c.auroc is not None else f"  {c.name:28s} {c.note}")
+    lines.append(f"  report: {res.outputs['markdown']}  ROC curves: {res.outputs['roc_curves']}")
+    _emit(args, "\n".join(lines), res.to_dict())
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from cxrray import score
+
+    return score.main(args.score_args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cxrray import serve
+
+    url = serve.run_server(args.artifact, host=args.host, port=args.port, blocking=not args.json)
+    _emit(args, f"serving {args.artifact} at {url}", {"url": url})
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cxrray.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=args.out, n_patients=args.n_patients, size=args.size, epochs=args.epochs,
+                     keep_serving=args.serve, port=args.port, source=args.source, root=args.root,
+                     model=args.model, num_workers=args.workers)
+    summary = run_demo(cfg)
+    _emit(args, summary.human(), summary.to_dict())
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cxrray", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    d = add("demo", cmd_demo, "the whole story on synthetic chest X-rays: data, split, train, evaluate, score, serve")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--n-patients", type=int, default=500)
+    d.add_argument("--size", type=int, default=96, help="image size (px) for generation and the model")
+    d.add_argument("--epochs", type=int, default=8)
+    d.add_argument("--workers", type=int, default=2, help="TorchTrainer workers")
+    d.add_argument("--model", default="small_cnn")
+    d.add_argument("--serve", action="store_true", help="keep Serve running at the end and print the page URL")
+    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--source", default="synthetic", help="a real source instead: chexpert, nih, kermany")
+    d.add_argument("--root", default=None, help="dataset root for --source")
+
+    s = add("synth", cmd_synth, "write a synthetic chest X-ray dataset in CheXpert layout")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n-patients", type=int, default=300)
+    s.add_argument("--size", type=int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+
+    m = add("manifest", cmd_manifest, "build a manifest (and patient split) from a dataset")
+    m.add_argument("--source", required=True, help="chexpert, synthetic, nih, kermany, csv, folder")
+    m.add_argument("--root", required=True, help="dataset root (for csv: the CSV file)")
+    m.add_argument("--out", required=True, help="manifest .parquet to write")
+    m.add_argument("--split", type=_split_fracs, default=None, help="train,valid,test fractions, by patient")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--labels", default=None, help="class subset or a named selection (chexpert5)")
+    m.add_argument("--uncertainty", default="U-Zeros", help="U-Ignore, U-Zeros, U-Ones or U-MultiClass")
+    m.add_argument("--uncertainty-override", action="append", default=[], metavar="LABEL=POLICY",
+                   help="per-label policy, e.g. Edema=U-Ones (repeatable)")
+    m.add_argument("--blank", default="zero", help="blank cells: zero or ignore")
+    m.add_argument("--views", default=None, help="frontal, lateral or both (CheXpert)")
+    m.add_argument("--no-official-split", action="store_true", help="ignore the source's own train/valid split")
+    m.add_argument("--classes", type=int, default=2, help="Kermany: 2 or 3 classes")
+    m.add_argument("--path-col", default="path")
+    m.add_argument("--label-cols", default=None, help="csv: comma-separated label columns")
+    m.add_argument("--class-col", default=None, help="csv: one column of class names (multi-class)")
+    m.add_argument("--patient-col", default=None)
+    m.add_argument("--split-col", default=None)
+    m.add_argument("--no-check-files", action="store_true", help="don't check that image files exist")
+    m.add_argument("--no-leakage-check", action="store_true")
+    m.add_argument("--no-hash", action="store_true", help="leakage check without content hashes")
+
+    lk = add("leakage", cmd_leakage, "report patients and identical images shared across splits")
+    lk.add_argument("--manifest", required=True)
+    lk.add_argument("--no-hash", action="store_true")
+    lk.add_argument("--strict", action="store_true", help="exit 3 when leakage is found")
+
+    pr = add("prepare", cmd_prepare, "decode and resize once into Parquet shards of ~1k images")
+    pr.add_argument("--manifest", required=True)
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--size", type=int, default=224)
+    pr.add_argument("--rows-per-shard", type=int, default=1000)
+    pr.add_argument("--ray-address", default=None)
+
+    t = add("train", cmd_train, "train with Ray Train (TorchTrainer) from a YAML config")
+    t.add_argument("--config", default=None, help="YAML config (see jobs/configs/)")
+    t.add_argument("overrides", nargs="*", metavar="key=value")
+
+    e = add("evaluate", cmd_evaluate, "evaluate an artifact on a manifest split")
+    e.add_argument("--artifact", required=True)
+    e.add_argument("--manifest", required=True)
+    e.add_argument("--split", default="test")
+    e.add_argument("--out", required=True)
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUROC CIs (0: none)")
+
+    sc = sub.add_parser("score", help="bulk-score an image archive to Parquet (see `cxrray score --help`)",
+                        add_help=False)
+    sc.add_argument("score_args", nargs=argparse.REMAINDER)
+    sc.set_defaults(fn=cmd_score)
+
+    sv = add("serve", cmd_serve, "serve an artifact over HTTP with Grad-CAM (Ray Serve)")
+    sv.add_argument("--artifact", required=True)
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    sv.add_argument("--port", type=int, default=8000)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        # User errors (bad CSV, missing column, wrong path) get one clear line, not a traceback.
+        log.error("%s", e)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(e)}))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Ray Data glue: manifest -> Dataset -> decode -> resize -> augment -> batch dicts.
+
+Batches are {"image": uint8 [N,1,S,S], "labels": float32 [N,K]}; normalisation happens in
+the model. Two inputs: raw files (decoded each epoch) or Parquet shards written once by
+`prepare_shards` (decoded and resized), which skip the per-file open/decode cost.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, load_image
+from cxrray.labels import LabelSpace
+from cxrray.transforms import Augment, Preprocess, preprocess_image, train_image
+
+log = logging.getLogger(__name__)
+
+SHARD_ROWS = 1000
+SHARD_INFO = "shards.json"
+
+
+def _label_matrix(batch: dict, label_cols: Sequence[str]) -> np.ndarray:
+    n = len(batch["path"]) if "path" in batch else len(batch["image_id"])
+    if not label_cols:
+        return np.zeros((n, 0), np.float32)
+    return np.stack([np.asarray(batch[c], dtype=np.float32) for c in label_cols], axis=1)
+
+
+def _keep_good(images: list, labels: np.ndarray, ids: Sequence, errors: list[str], size: int) -> dict:
+    """Unreadable files become a logged error record and leave the batch (training can't use them)."""
+    for e in errors:
+        log.warning("skipping unreadable training image: %s", e)
+    keep = [i for i, im in enumerate(images) if im is not None]
+    out = {
+        "image": np.stack([images[i] for i in keep]) if keep else np.zeros((0, 1, size, size), np.uint8),
+        "labels": labels[keep] if len(labels) else np.zeros((0, labels.shape[1]), np.float32),
+    }
+    return out
+
+
+def decode_files(batch: dict, *, pre: Preprocess, aug: Augment | None, label_cols: Sequence[str],
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+    rng = np.random.default_rng()
+    images, errors = [], []
+    for path in batch["path"]:
+        try:
+            img = load_image(str(path), max_pixels=max_pixels, max_bytes=max_bytes)
+            images.append(train_image(img, pre, aug, rng))
+        except ImageError as e:
+            images.append(None)
+            errors.append(f"{e.reason}: {e}")
+    return _keep_good(images, _label_matrix(batch, label_cols), batch["path"], errors, pre.size)
+
+
+def decode_shard_rows(batch: dict, *, pre: Preprocess, aug: Augment | None, label_cols: Sequence[str]) -> dict:
+    rng = np.random.default_rng()
+    size = pre.size
+    images = []
+    for raw, s in zip(batch["pixels"], batch["size"]):
+        img = np.frombuffer(raw, dtype=np.uint8).reshape(int(s), int(s))
+        if aug is None and s == size:
+            images.append(img[None])
+        else:
+            images.append(train_image(img.astype(np.float32) / 255.0, pre, aug, rng))
+    return _keep_good(images, _label_matrix(batch, label_cols), batch["image_id"], [], size)
+
+
+def _blocks(n_rows: int, rows_per_block: int = 64) -> int:
+    return max(1, min(200, math.ceil(n_rows / rows_per_block)))
+
+
+def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Augment | None,
+                  batch_size: int = 32) -> ray.data.Dataset:
+    """Raw image files -> batch dicts. Many small blocks so decoding spreads over all CPUs."""
+    cols = ["image_id", "path", *space.columns]
+    frame = df[cols].reset_index(drop=True)
+    bounds = np.linspace(0, len(frame), _blocks(len(frame)) + 1).astype(int)
+    parts = [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    ds = ray.data.from_pandas(parts)
+    return ds.map_batches(decode_files, batch_size=batch_size, batch_format="numpy",
+                          fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns)})
+
+
+def shards_dataset(shards_dir: str | Path, split: str, space: LabelSpace, pre: Preprocess,
+                   aug: Augment | None, batch_size: int = 32) -> ray.data.Dataset:
+    split_dir = Path(shards_dir) / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"{split_dir}: no shards for split {split!r}; run `cxrray prepare` first")
+    info = read_shard_info(shards_dir)
+    if info["size"] < pre.size:
+        raise ValueError(f"shards in {shards_dir} are {info['size']} px, smaller than the model's {pre.size} px")
+    ds = ray.data.read_parquet(str(split_dir))
+    return ds.map_batches(decode_shard_rows, batch_size=batch_size, batch_format="numpy",
+                          fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns)})
+
+
+# --- prepare: decode + resize once into ~1k-image Parquet shards ----------------------------------
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    size: int
+    label_space: dict
+    shards: dict  # split -> number of shards
+    images: dict  # split -> images written
+    errors: dict  # split -> unreadable files skipped
+
+
+def _write_shard(rows: pd.DataFrame, space_cols: list[str], size: int, out_file: str) -> tuple[int, list[str]]:
+    pre = Preprocess(size=size, channels=1)
+    pixels, keep, errors = [], [], []
+    for i, path in enumerate(rows["path"]):
+        try:
+            pixels.append(preprocess_image(load_image(str(path)), pre)[0].tobytes())
+            keep.append(i)
+        except ImageError as e:
+            errors.append(f"{e.reason}: {e}")
+    kept = rows.iloc[keep]
+    table = pa.table({
+        "image_id": kept["image_id"].astype(str).tolist(),
+        "pixels": pa.array(pixels, type=pa.binary()),
+        "size": pa.array([size] * len(kept), type=pa.int32()),
+        **{c: pa.array(kept[c].to_numpy(np.float32)) for c in space_cols},
+    })
+    tmp = out_file + ".tmp"
+    pq.write_table(table, tmp)
+    Path(tmp).rename(out_file)  # atomic: a crashed prepare never leaves half a shard
+    return len(kept), errors
+
+
+def prepare_shards(df: pd.DataFrame, space: LabelSpace, out_dir: str | Path, *, size: int,
+                   rows_per_shard: int = SHARD_ROWS, progress: bool = True) -> ShardInfo:
+    """One Ray task per shard; existing shards are kept, so a re-run finishes what is missing."""
+    out_dir = Path(out_dir)
+    write = ray.remote(num_cpus=1)(_write_shard)
+    futures, meta = [], []
+    for split, part in df.groupby(df["split"].fillna("unsplit")):
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+        part = part.reset_index(drop=True)
+        for k, start in enumerate(range(0, len(part), rows_per_shard)):
+            out_file = out_dir / split / f"shard-{k:05d}.parquet"
+            rows = part.iloc[start:start + rows_per_shard]
+            if out_file.exists():
+                meta.append((split, len(rows), []))
+                continue
+            futures.append((split, write.remote(rows, list(space.columns), size, str(out_file))))
+    done = 0
+    from tqdm import tqdm
+
+    for split, fut in tqdm(futures, desc="prepare shards", unit="shard", disable=not progress):
+        n, errs = ray.get(fut)
+        meta.append((split, n, errs))
+        done += n
+    shards, images, errors = {}, {}, {}
+    for split, n, errs in meta:
+        shards[split] = shards.get(split, 0) + 1
+        images[split] = images.get(split, 0) + n
+        errors[split] = errors.get(split, 0) + len(errs)
+    info = ShardInfo(size, space.to_dict(), shards, images, errors)
+    (out_dir / SHARD_INFO).write_text(json.dumps(asdict(info), indent=2))
+    return info
+
+
+def read_shard_info(shards_dir: str | Path) -> dict:
+    path = Path(shards_dir) / SHARD_INFO
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: {shards_dir} was not written by `cxrray prepare`")
+    return json.loads(path.read_text())

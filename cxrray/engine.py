@@ -1,0 +1,229 @@
+"""Training and evaluation over any iterable of batch dicts. No Ray here.
+
+The Ray Train worker loop (`cxrray.train`) and the plain `quick_train` (tests, baselines)
+both call these functions, so the training logic runs and is tested without a cluster.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from cxrray.heads import eval_targets, logits_to_probs
+from cxrray.labels import LabelSpace
+from cxrray.metrics import Metrics, best_f1_thresholds, compute_metrics
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+AUX_WEIGHT = 0.4  # Inception-V3's auxiliary classifier weight (Szegedy et al. 2016)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast settings. bf16 needs no loss scaling; fp16 does (GradScaler)."""
+
+    dtype: torch.dtype | None  # None = full fp32
+
+    @classmethod
+    def resolve(cls, setting: str, device: torch.device) -> "Precision":
+        if setting == "off" or device.type != "cuda":
+            # Autocast on CPU is slower than fp32 for these convnets; only GPUs gain.
+            return cls(None)
+        if setting in ("auto", "bf16"):
+            if torch.cuda.is_bf16_supported():
+                return cls(torch.bfloat16)
+            return cls(torch.float16)
+        if setting == "fp16":
+            return cls(torch.float16)
+        raise ValueError(f"precision must be auto/bf16/fp16/off, got {setting!r}")
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+
+def to_device(batch: Batch, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, batch["labels"].to(device, non_blocking=True).float()
+
+
+def compute_loss(outputs, targets: torch.Tensor, loss_fn: Callable) -> torch.Tensor:
+    if isinstance(outputs, tuple):  # Inception-V3 in training mode: (logits, aux_logits)
+        main, aux = outputs
+        return loss_fn(main, targets) + AUX_WEIGHT * loss_fn(aux, targets)
+    return loss_fn(outputs, targets)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    *,
+    device: torch.device,
+    precision: Precision = Precision(None),
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = None,
+    channels_last: bool = False,
+    max_steps: int | None = None,
+) -> dict[str, float]:
+    model.train()
+    total, images, steps = 0.0, 0, 0
+    start = time.perf_counter()
+    for batch in batches:
+        x, y = to_device(batch, device, channels_last)
+        with precision.autocast(device):
+            loss = compute_loss(model(x), y, loss_fn)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        total += float(loss.detach()) * len(x)
+        images += len(x)
+        steps += 1
+        if max_steps and steps >= max_steps:
+            break
+    seconds = time.perf_counter() - start
+    return {"loss": total / max(images, 1), "images": images, "seconds": seconds,
+            "images_per_s": images / seconds if seconds > 0 else 0.0}
+
+
+@torch.no_grad()
+def predict_batches(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    space: LabelSpace,
+    loss_fn: Callable | None = None,
+    *,
+    device: torch.device,
+    precision: Precision = Precision(None),
+    channels_last: bool = False,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Probabilities, raw targets and mean loss over the batches."""
+    model.eval()
+    probs, targets, total, n = [], [], 0.0, 0
+    for batch in batches:
+        x, y = to_device(batch, device, channels_last)
+        with precision.autocast(device):
+            logits = model(x)
+        if loss_fn is not None:
+            total += float(loss_fn(logits.float(), y)) * len(x)
+        n += len(x)
+        probs.append(logits_to_probs(logits, space).cpu().numpy())
+        targets.append(y.cpu().numpy())
+    k = space.num_classes
+    p = np.concatenate(probs) if probs else np.zeros((0, k), np.float32)
+    t = np.concatenate(targets) if targets else np.zeros((0, k), np.float32)
+    return p, t, total / max(n, 1)
+
+
+def score_predictions(space: LabelSpace, probs: np.ndarray, targets: np.ndarray,
+                      thresholds: list[float] | None = None, bootstrap: int = 0) -> tuple[Metrics, list[float]]:
+    """Metrics plus F1-optimal thresholds chosen on these (validation) predictions."""
+    t = eval_targets(torch.from_numpy(targets), space).numpy()
+    chosen = thresholds if thresholds is not None else best_f1_thresholds(t, probs)
+    return compute_metrics(space, t, probs, thresholds=chosen, bootstrap=bootstrap), chosen
+
+
+def cosine_lr(epoch: int, total_epochs: int, base_lr: float, warmup_epochs: int = 0, min_lr_ratio: float = 0.01) -> float:
+    """Cosine decay with optional linear warm-up; a pure function so a resumed run picks up
+    exactly where it stopped."""
+    if warmup_epochs and epoch < warmup_epochs:
+        return base_lr * (epoch + 1) / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(1, total_epochs - warmup_epochs)
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# --- A plain in-memory trainer (no Ray): tests, quick baselines, the Grad-CAM check -------------
+
+
+def load_arrays(df: pd.DataFrame, space: LabelSpace, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and resize every image of a (small) manifest into memory as uint8 [N,1,S,S]."""
+    from cxrray.imaging import load_image
+    from cxrray.transforms import Preprocess, preprocess_image
+
+    pre = Preprocess(size=size, channels=1)
+    images = np.stack([preprocess_image(load_image(p), pre) for p in df["path"]])
+    return images, df[list(space.columns)].to_numpy(np.float32)
+
+
+def iterate(images: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[Batch]:
+    order = rng.permutation(len(images)) if rng is not None else np.arange(len(images))
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        yield {"image": torch.from_numpy(images[idx]), "labels": torch.from_numpy(labels[idx])}
+
+
+def quick_train(
+    manifest: pd.DataFrame,
+    space: LabelSpace,
+    out_dir: str | Path,
+    *,
+    model: str = "small_cnn",
+    size: int = 64,
+    epochs: int = 6,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    loss: str = "bce",
+) -> Path:
+    """Train on the manifest's `train` split, pick thresholds on `valid`, save an artifact.
+    Single process and in memory: for small sets only."""
+    from cxrray.artifact import ModelMeta, save_artifact
+    from cxrray.losses import ClassWeights, make_loss
+    from cxrray.models import build_model, gradcam_layer_path
+    from cxrray.transforms import Preprocess
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    pre = Preprocess(size=size, channels=1, mean=(0.5,), std=(0.25,))
+    train_df = manifest[manifest["split"] == "train"]
+    valid_df = manifest[manifest["split"] == "valid"]
+    xtr, ytr = load_arrays(train_df, space, size)
+    xva, yva = load_arrays(valid_df, space, size)
+    net = build_model(model, space.num_outputs, pre)
+    loss_fn = make_loss(loss, space, ClassWeights.from_labels(ytr))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    device = torch.device("cpu")
+    history = []
+    for epoch in range(epochs):
+        set_lr(opt, cosine_lr(epoch, epochs, lr))
+        stats = train_one_epoch(net, iterate(xtr, ytr, batch_size, rng), opt, loss_fn, device=device)
+        probs, targets, vloss = predict_batches(net, iterate(xva, yva, 128), space, loss_fn, device=device)
+        metrics, thresholds = score_predictions(space, probs, targets)
+        history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": vloss,
+                        "val_mean_auroc": metrics.mean_auroc})
+        log.info("quick_train epoch %d/%d loss %.4f val_auroc %s", epoch + 1, epochs, stats["loss"], metrics.mean_auroc)
+    meta = ModelMeta(model, space, pre, [float(t) for t in thresholds], gradcam_layer_path(model),
+                     summary={"epochs": epochs, "history": history, "val_mean_auroc": metrics.mean_auroc,
+                              "val_auroc": metrics.auroc_by_class(), "trainer": "quick_train"})
+    return save_artifact(out_dir, net, meta)

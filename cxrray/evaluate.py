@@ -1,0 +1,95 @@
+"""Evaluate an artifact on a manifest split: AUROC with bootstrap CIs, operating points at the
+stored thresholds, ROC and training curves, a JSON and a Markdown report."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxrray.heads import eval_targets
+from cxrray.manifest import read_manifest
+from cxrray.metrics import Metrics, compute_metrics
+from cxrray.predict import Predictor, predict_paths
+from cxrray.report import plot_roc_curves, plot_training_curves
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    metrics: Metrics
+    n_images: int
+    n_errors: int
+    outputs: dict[str, str]
+    model_id: str
+
+    def to_dict(self) -> dict:
+        return {"mean_auroc": self.metrics.mean_auroc, "accuracy": self.metrics.accuracy, "n_images": self.n_images,
+                "n_errors": self.n_errors, "model_id": self.model_id, "outputs": self.outputs,
+                "per_class": {c.name: {"auroc": c.auroc, "auroc_ci": c.auroc_ci, "n": c.n, "n_pos": c.n_pos,
+                                       "note": c.note, "threshold": c.threshold, "sensitivity": c.sensitivity,
+                                       "specificity": c.specificity, "f1": c.f1} for c in self.metrics.per_class}}
+
+
+def markdown_report(res: EvalResult, split: str, manifest: str) -> str:
+    m = res.metrics
+    lines = [f"# Evaluation of model {res.model_id}", "",
+             f"Manifest `{manifest}`, split `{split}`: {res.n_images} images ({res.n_errors} unreadable).", "",
+             f"**Mean AUROC: {m.mean_auroc:.4f}**" if m.mean_auroc is not None else "**Mean AUROC: n/a**"]
+    if m.accuracy is not None:
+        lines.append(f"\n**Accuracy: {m.accuracy:.4f}**")
+    lines += ["", "| class | n | positives | AUROC | 95% CI | threshold | sensitivity | specificity | F1 |",
+              "|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v):
+        return "" if v is None else f"{v:.3f}"
+
+    for c in m.per_class:
+        ci = f"{c.auroc_ci[0]:.3f}-{c.auroc_ci[1]:.3f}" if c.auroc_ci else ""
+        auroc = f(c.auroc) if c.auroc is not None else f"n/a ({c.note})"
+        lines.append(f"| {c.name} | {c.n} | {c.n_pos} | {auroc} | {ci} | {f(c.threshold)} | {f(c.sensitivity)} | "
+                     f"{f(c.specificity)} | {f(c.f1)} |")
+    if m.confusion is not None:
+        lines += ["", "Confusion matrix (rows: truth, columns: prediction):", "", "```"]
+        lines += ["  ".join(f"{v:6d}" for v in row) for row in m.confusion] + ["```"]
+    lines += ["", "![ROC curves](roc_curves.png)", "", "![Training curves](training_curves.png)", ""]
+    return "\n".join(lines)
+
+
+def evaluate(artifact: str | Path, manifest: str | Path, out_dir: str | Path, *, split: str = "test",
+             bootstrap: int = 1000, batch_size: int = 64) -> EvalResult:
+    start = time.time()
+    predictor = Predictor(artifact)
+    df, manifest_space = read_manifest(manifest)
+    space = predictor.label_space
+    missing = [n for n in space.names if n not in manifest_space.names]
+    if missing:
+        raise ValueError(f"{manifest} has no labels for the model's classes {missing}")
+    rows = df[df["split"] == split]
+    if rows.empty:
+        raise ValueError(f"{manifest}: split {split!r} is empty (splits: {df['split'].value_counts().to_dict()})")
+    pred = predict_paths(predictor, rows["path"].tolist(), batch_size=batch_size)
+    ok = np.array([e is None for e in pred["error"]])
+    probs = np.stack([pred[c] for c in space.prob_columns], axis=1)[ok]
+    import torch
+
+    targets = eval_targets(torch.from_numpy(rows[list(space.columns)].to_numpy(np.float32)[ok]), space).numpy()
+    metrics = compute_metrics(space, targets, probs, thresholds=list(predictor.thresholds), bootstrap=bootstrap)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {"roc_curves": str(plot_roc_curves(space, targets, probs, metrics, out_dir / "roc_curves.png",
+                                                 title=f"ROC, {split} split"))}
+    curves = plot_training_curves(predictor.meta.summary.get("history", []), out_dir / "training_curves.png")
+    if curves:
+        outputs["training_curves"] = str(curves)
+    res = EvalResult(metrics, int(len(rows)), int((~ok).sum()), outputs, predictor.model_id)
+    outputs["json"] = str(out_dir / "metrics.json")
+    outputs["markdown"] = str(out_dir / "report.md")
+    (out_dir / "metrics.json").write_text(json.dumps(res.to_dict(), indent=2))
+    (out_dir / "report.md").write_text(markdown_report(res, split, str(manifest)))
+    log.info("evaluated %d images in %.1fs: mean AUROC %s", len(rows), time.time() - start, metrics.mean_auroc)
+    return res

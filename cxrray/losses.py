@@ -1,0 +1,119 @@
+"""Losses with NaN-masked targets, class-balance weights and rare-class up-sampling.
+
+Targets are float32 [N, K] with NaN = no supervision (blank or uncertain under U-Ignore);
+masked entries contribute nothing, and the mean is over supervised entries only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from cxrray.labels import MULTICLASS, LabelSpace
+
+LOSSES = ("bce", "weighted_bce", "focal", "ce")
+
+
+@dataclass(frozen=True)
+class ClassWeights:
+    """Per-class weights of the positive and negative BCE terms (CheXNet-style balancing):
+    w_pos = N_neg / N, w_neg = N_pos / N, so each class's positives and negatives weigh equally."""
+
+    pos: tuple[float, ...]
+    neg: tuple[float, ...]
+
+    @classmethod
+    def from_labels(cls, labels: np.ndarray) -> "ClassWeights":
+        labels = np.asarray(labels, dtype=np.float64)
+        sup = ~np.isnan(labels)
+        n = np.maximum(sup.sum(axis=0), 1)
+        npos = np.nansum(labels == 1, axis=0)
+        pos_frac = np.clip(npos / n, 1e-3, 1 - 1e-3)  # a class with no positives must not give inf/0
+        # Scaled by 2 so that a balanced class keeps weight 1 on both terms.
+        return cls(tuple(2 * (1 - pos_frac)), tuple(2 * pos_frac))
+
+    def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(self.pos, device=device), torch.tensor(self.neg, device=device)
+
+
+def masked_bce(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: ClassWeights | None = None,
+    focal_gamma: float = 0.0,
+) -> torch.Tensor:
+    mask = ~torch.isnan(targets)
+    t = torch.nan_to_num(targets, nan=0.0)
+    logits = logits.float()
+    loss = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    if focal_gamma:
+        p = torch.sigmoid(logits)
+        p_t = p * t + (1 - p) * (1 - t)
+        loss = loss * (1 - p_t).pow(focal_gamma)
+    if weights is not None:
+        wp, wn = weights.tensors(logits.device)
+        loss = loss * (t * wp + (1 - t) * wn)
+    loss = loss * mask
+    return loss.sum() / mask.sum().clamp(min=1)
+
+
+def multiclass_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One-hot (or NaN) float targets -> cross-entropy over the rows that have a label."""
+    valid = ~torch.isnan(targets).any(dim=1)
+    if not valid.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[valid].float(), targets[valid].argmax(dim=1))
+
+
+def uncertain_multiclass_ce(logits: torch.Tensor, targets: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """U-MultiClass: a 3-way softmax per label over {0: negative, 1: positive, 2: uncertain}."""
+    three = logits.float().view(-1, num_labels, 3).reshape(-1, 3)
+    t = targets.reshape(-1)
+    valid = ~torch.isnan(t)
+    if not valid.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(three[valid], t[valid].long())
+
+
+def make_loss(kind: str, space: LabelSpace, weights: ClassWeights | None = None, focal_gamma: float = 2.0):
+    """Loss closure (logits, targets) -> scalar for the task; Inception's aux logits are handled
+    by `engine.compute_loss`."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+    if space.task == MULTICLASS or kind == "ce":
+        if space.task != MULTICLASS:
+            raise ValueError("loss 'ce' is for multi-class tasks; use bce/weighted_bce/focal for multi-label")
+        return multiclass_ce
+    if space.uncertain_classes:
+        return lambda logits, targets: uncertain_multiclass_ce(logits, targets, space.num_classes)
+    if kind == "weighted_bce":
+        if weights is None:
+            raise ValueError("weighted_bce needs class weights from the training labels")
+        return lambda logits, targets: masked_bce(logits, targets, weights)
+    if kind == "focal":
+        return lambda logits, targets: masked_bce(logits, targets, weights, focal_gamma=focal_gamma)
+    return lambda logits, targets: masked_bce(logits, targets)
+
+
+def upsample_rare(df: pd.DataFrame, space: LabelSpace, *, target_fraction: float = 0.25, max_factor: int = 8,
+                  seed: int = 0) -> pd.DataFrame:
+    """Repeat rows that are positive for rare classes until each class reaches `target_fraction`
+    positives (capped at `max_factor` copies), the alternative to loss weighting."""
+    rng = np.random.default_rng(seed)
+    labels = df[list(space.columns)].to_numpy(dtype=np.float64)
+    repeats = np.ones(len(df), dtype=np.int64)
+    for k in range(space.num_classes):
+        pos = labels[:, k] == 1
+        frac = pos.mean() if len(df) else 0.0
+        if 0 < frac < target_fraction:
+            factor = int(min(max_factor, round(target_fraction / frac)))
+            repeats[pos] = np.maximum(repeats[pos], factor)
+    out = df.loc[df.index.repeat(repeats)].copy()
+    # Duplicates need unique ids downstream; the suffix keeps the original id readable.
+    dup_rank = out.groupby(level=0).cumcount()
+    out["image_id"] = np.where(dup_rank > 0, out["image_id"].astype(str) + "#dup" + dup_rank.astype(str),
+                               out["image_id"])
+    return out.sample(frac=1.0, random_state=int(rng.integers(1 << 31))).reset_index(drop=True)

@@ -1,0 +1,313 @@
+"""Ray Train wiring: TorchTrainer -> thin worker loop -> `engine` functions.
+
+The worker loop only unpacks config, restores a checkpoint, gets its data shard, prepares
+the model and calls plain epoch functions. Rank 0 evaluates the (unsplit) validation set,
+broadcasts the metrics so every rank takes the same early-stopping decision, and writes the
+artifacts; every rank calls `ray.train.report` once per epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxrray.artifact import ModelMeta, save_artifact, unwrap
+from cxrray.config import TrainConfig, build, save_config, to_dict
+from cxrray.engine import Precision, cosine_lr, predict_batches, score_predictions, set_lr, train_one_epoch
+from cxrray.labels import LabelSpace, resolve_label_names
+from cxrray.losses import ClassWeights, make_loss, upsample_rare
+from cxrray.manifest import read_manifest
+from cxrray.models import build_model, gradcam_layer_path
+from cxrray.transforms import Augment, Preprocess
+
+log = logging.getLogger(__name__)
+TRAIN_STATE = "train_state.pt"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_artifact: Path
+    last_artifact: Path
+    best_val_mean_auroc: float | None
+    epochs_done: int
+    history: list[dict]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+
+
+def preprocess_for(cfg: TrainConfig) -> Preprocess:
+    if cfg.pretrained:
+        return Preprocess(size=cfg.image_size, channels=cfg.channels)  # ImageNet statistics
+    # From scratch the grey channel is centred with fixed chest X-ray-ish statistics.
+    return Preprocess(size=cfg.image_size, channels=cfg.channels, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def augment_for(cfg: TrainConfig) -> Augment:
+    return Augment(scale=tuple(cfg.aug_scale), rotation=cfg.aug_rotation, brightness=cfg.aug_brightness,
+                   contrast=cfg.aug_contrast, hflip=cfg.hflip)
+
+
+def select_labels(df: pd.DataFrame, space: LabelSpace, cfg: TrainConfig) -> LabelSpace:
+    names = resolve_label_names(cfg.labels, space.names)
+    return space.select(names) if names != space.names else space
+
+
+def data_fingerprint(df: pd.DataFrame) -> str:
+    ids = "\n".join(sorted(df["image_id"].astype(str) + ":" + df["split"].astype(str)))
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
+# --- the worker loop ------------------------------------------------------------------------------
+
+
+def _restore(model: torch.nn.Module) -> dict | None:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        model.load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True))
+        state = torch.load(Path(d) / TRAIN_STATE, map_location="cpu", weights_only=True)
+    log.info("resumed from checkpoint after epoch %d", state["epoch"])
+    return state
+
+
+def _broadcast(obj, rank: int, world: int):
+    if world == 1:
+        return obj
+    holder = [obj if rank == 0 else None]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = build(TrainConfig, config["cfg"])
+    space = LabelSpace.from_dict(config["space"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, cfg.cpus_per_worker))  # Ray starts workers with OMP_NUM_THREADS=1
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+    precision = Precision.resolve(cfg.precision, device)
+    channels_last = device.type == "cuda"
+
+    pre = Preprocess.from_dict(config["preprocess"])
+    model = build_model(cfg.model, space.num_outputs, pre, pretrained=cfg.pretrained,
+                        freeze_backbone=cfg.freeze_backbone)
+    state = _restore(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=1) \
+        if cfg.scheduler == "plateau" else None
+    weights = ClassWeights(**config["class_weights"]) if config.get("class_weights") else None
+    loss_fn = make_loss(cfg.loss, space, weights)
+
+    start_epoch, best, history, stale = 0, None, [], 0
+    best_thresholds = [0.5] * space.num_classes
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        if plateau is not None and state.get("plateau"):
+            plateau.load_state_dict(state["plateau"])
+        start_epoch, best, stale = state["epoch"], state["best"], state["stale"]
+        history = json.loads(state["history"])
+        best_thresholds = json.loads(state["best_thresholds"])
+
+    run_dir = Path(config["run_dir"])
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.scheduler == "cosine":
+            set_lr(optimizer, cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.warmup_epochs))
+        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, prefetch_batches=2,
+                                                 local_shuffle_buffer_size=4 * cfg.batch_size)
+        stats = train_one_epoch(model, batches, optimizer, loss_fn, device=device, precision=precision,
+                                scaler=scaler, grad_clip=cfg.grad_clip, channels_last=channels_last,
+                                max_steps=cfg.max_steps_per_epoch)
+        row = None
+        if rank == 0:
+            probs, targets, vloss = predict_batches(unwrap(model), valid_shard.iter_torch_batches(batch_size=128),
+                                                    space, loss_fn, device=device, precision=precision,
+                                                    channels_last=channels_last)
+            metrics, thresholds = score_predictions(space, probs, targets)
+            row = {"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": vloss,
+                   "val_mean_auroc": metrics.mean_auroc, "val_auroc": metrics.auroc_by_class(),
+                   "lr": optimizer.param_groups[0]["lr"], "train_images_per_s": stats["images_per_s"] * world,
+                   "thresholds": thresholds}
+        row = _broadcast(row, rank, world)
+        history.append(row)
+        score = row["val_mean_auroc"] if row["val_mean_auroc"] is not None else -row["val_loss"]
+        improved = best is None or score > best
+        if improved:
+            best, stale, best_thresholds = score, 0, row["thresholds"]
+        else:
+            stale += 1
+        if plateau is not None:
+            plateau.step(score)
+        stop = bool(cfg.early_stopping_patience and stale >= cfg.early_stopping_patience)
+        metrics_out = {k: v for k, v in row.items() if k not in ("val_auroc", "thresholds")}
+        metrics_out.update(best_val_mean_auroc=best, stopped_early=stop)
+        if rank == 0:
+            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_mean_auroc %s  %.0f img/s%s",
+                     epoch + 1, cfg.epochs, row["train_loss"], row["val_loss"],
+                     f"{row['val_mean_auroc']:.4f}" if row["val_mean_auroc"] is not None else "n/a",
+                     row["train_images_per_s"], "  (best)" if improved else "")
+            meta = _meta(cfg, config, space, pre, row["thresholds"], history)
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt_dir = save_artifact(Path(tmp) / "checkpoint", model, meta)
+                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best": best, "stale": stale,
+                            "history": json.dumps(history), "best_thresholds": json.dumps(best_thresholds),
+                            "plateau": plateau.state_dict() if plateau is not None else None},
+                           ckpt_dir / TRAIN_STATE)
+                # Plain artifacts beside Ray's checkpoints: what scoring and serving load.
+                save_artifact(run_dir / "artifacts" / "last", model, meta)
+                if improved:
+                    save_artifact(run_dir / "artifacts" / "best", model, _meta(cfg, config, space, pre,
+                                                                               best_thresholds, history))
+                ray.train.report(metrics_out, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))
+        else:
+            ray.train.report(metrics_out)
+        if stop:
+            if rank == 0:
+                log.info("early stopping: no val mean AUROC gain for %d epochs", stale)
+            break
+
+
+def _meta(cfg: TrainConfig, config: dict, space: LabelSpace, pre: Preprocess, thresholds, history) -> ModelMeta:
+    best_row = max(history, key=lambda r: r["val_mean_auroc"] or -1)
+    summary = {"epochs": len(history), "best_epoch": best_row["epoch"], "val_mean_auroc": best_row["val_mean_auroc"],
+               "val_auroc": best_row["val_auroc"], "history": [{k: v for k, v in r.items() if k != "thresholds"}
+                                                              for r in history],
+               "data_fingerprint": config["fingerprint"], "n_train": config["n_train"], "n_valid": config["n_valid"]}
+    return ModelMeta(cfg.model, space, pre, [float(t) for t in thresholds], gradcam_layer_path(cfg.model),
+                     summary=summary, config=to_dict(cfg))
+
+
+# --- the driver -----------------------------------------------------------------------------------
+
+
+def ensure_manifest(cfg: TrainConfig) -> Path:
+    """Build the configured manifest (with its patient split) when it does not exist yet."""
+    path = Path(cfg.manifest)
+    if path.exists():
+        return path
+    if not (cfg.source and cfg.root):
+        raise FileNotFoundError(f"manifest {path} does not exist and no source/root is configured to build it")
+    from cxrray.manifest import write_manifest
+    from cxrray.sources import load_source
+    from cxrray.splits import assign_splits
+
+    options = dict(cfg.source_options)
+    if cfg.uncertainty:
+        from cxrray.labels import UncertaintyConfig
+
+        options["uncertainty"] = UncertaintyConfig(**cfg.uncertainty)
+    res = load_source(cfg.source, cfg.root, **options)
+    df = assign_splits(res.manifest, res.label_space, tuple(cfg.split), seed=cfg.seed,
+                       respect_existing=res.manifest["split"].notna().any())
+    return write_manifest(df, res.label_space, path, info={"source": cfg.source, "root": cfg.root})
+
+
+def init_ray(address: str | None, worker_cpus: int) -> None:
+    """Join the cluster at `address`, or start a local one. Locally, the CPU count is raised so
+    that the train workers never starve Ray Data's decode tasks (which would deadlock a 2-core
+    machine: both cores held by workers waiting for batches nobody can decode)."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")  # set for `ray job submit` drivers
+    if address:
+        ray.init(address=address, configure_logging=False)
+        return
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=max(cores, worker_cpus + 2), include_dashboard=False, configure_logging=False)
+
+
+def use_gpu(cfg: TrainConfig) -> bool:
+    if isinstance(cfg.use_gpu, bool):
+        return cfg.use_gpu
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cxrray.data import files_dataset, shards_dataset
+
+    start = time.time()
+    init_ray(cfg.ray_address, cfg.num_workers * cfg.cpus_per_worker)
+    df, space = read_manifest(ensure_manifest(cfg))
+    space = select_labels(df, space, cfg)
+    train_df = df[df["split"] == "train"]
+    valid_df = df[df["split"] == "valid"]
+    if len(train_df) == 0 or len(valid_df) == 0:
+        raise ValueError(f"{cfg.manifest}: needs train and valid rows (has {df['split'].value_counts().to_dict()})")
+    if cfg.upsample:
+        train_df = upsample_rare(train_df, space, seed=cfg.seed)
+    pre = preprocess_for(cfg)
+    aug = augment_for(cfg)
+    if cfg.data_format == "shards":
+        if not cfg.shards_dir:
+            raise ValueError("data_format=shards needs shards_dir (written by `cxrray prepare`)")
+        train_ds = shards_dataset(cfg.shards_dir, "train", space, pre, aug, cfg.batch_size)
+        valid_ds = shards_dataset(cfg.shards_dir, "valid", space, pre, None, 128)
+    else:
+        train_ds = files_dataset(train_df, space, pre, aug, cfg.batch_size)
+        valid_ds = files_dataset(valid_df, space, pre, None, 128)
+    weights = ClassWeights.from_labels(train_df[list(space.columns)].to_numpy(np.float32))
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    gpu = use_gpu(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": to_dict(cfg), "space": space.to_dict(), "preprocess": pre.to_dict(),
+            "class_weights": {"pos": weights.pos, "neg": weights.neg}, "run_dir": str(run_dir),
+            "fingerprint": data_fingerprint(df), "n_train": len(train_df), "n_valid": len(valid_df),
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.run_name, storage_path=str(cfg.resolved_storage()),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": train_ds, "valid": valid_ds},
+        # valid is not split: rank 0 scores all of it so AUROC sees every image once.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    log.info("training %s on %d train / %d valid images, %d workers (%s), run dir %s", cfg.model, len(train_df),
+             len(valid_df), cfg.num_workers, "GPU" if gpu else "CPU", run_dir)
+    result = trainer.fit()
+    best_dir, last_dir = run_dir / "artifacts" / "best", run_dir / "artifacts" / "last"
+    history = json.loads((last_dir / "model.json").read_text())["summary"]["history"]
+    best = max((r["val_mean_auroc"] for r in history if r["val_mean_auroc"] is not None), default=None)
+    if result.error:
+        raise result.error
+    return TrainResult(run_dir, best_dir, last_dir, best, len(history), history, time.time() - start)
