@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Test clusters are throwaway and local: no token auth (it stays on for real use).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
