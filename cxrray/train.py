@@ -263,6 +263,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     start = time.time()
     init_ray(cfg.ray_address, cfg.num_workers * cfg.cpus_per_worker)
+    # Ray Data's per-operator bars, relayed from every train worker, drown the per-epoch log
+    # lines that are this job's progress report.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     df, space = read_manifest(ensure_manifest(cfg))
     space = select_labels(df, space, cfg)
     train_df = df[df["split"] == "train"]

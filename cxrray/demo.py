@@ -1,0 +1,215 @@
+"""`cxrray demo`: the whole story on one local Ray cluster.
+
+generate data -> manifest + patient split (leakage check) -> TorchTrainer (2 workers) ->
+evaluate (ROC curves, report) -> bulk-score the test split to Parquet -> Serve /predict and
+/explain over HTTP (overlay PNG saved) -> shut down. Each stage is the same code the
+individual subcommands run; this module only chains them and keeps the receipts.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "demo_out"
+    n_patients: int = 500
+    size: int = 96
+    epochs: int = 8
+    seed: int = 0
+    model: str = "small_cnn"
+    num_workers: int = 2
+    keep_serving: bool = False
+    port: int = 8000
+    source: str = "synthetic"  # or chexpert / nih / kermany with `root`
+    root: str | None = None
+    score_actors: int | None = None
+
+
+@dataclass
+class DemoSummary:
+    out: str
+    outputs: dict[str, str] = field(default_factory=dict)
+    mean_auroc: float | None = None
+    val_mean_auroc: float | None = None
+    images_scored: int = 0
+    score_errors: int = 0
+    score_images_per_s: float = 0.0
+    predict_latency_ms_p50: float | None = None
+    explain_latency_ms: float | None = None
+    url: str | None = None  # only while Serve is kept running (--serve)
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def human(self) -> str:
+        def f(v, fmt="{:.4f}"):
+            return "n/a" if v is None else fmt.format(v)
+
+        lines = [f"demo finished in {self.seconds:.0f}s  (stages: "
+                 + ", ".join(f"{k} {v:.0f}s" for k, v in self.stages.items()) + ")",
+                 f"  test mean AUROC      {f(self.mean_auroc)}   (validation {f(self.val_mean_auroc)})",
+                 f"  bulk scoring         {self.images_scored} images, {self.score_errors} errors, "
+                 f"{self.score_images_per_s:.1f} images/s",
+                 f"  Serve /predict p50   {f(self.predict_latency_ms_p50, '{:.0f} ms')};  /explain "
+                 f"{f(self.explain_latency_ms, '{:.0f} ms')}"]
+        lines += [f"  {k:20s} {v}" for k, v in self.outputs.items()]
+        if self.url:
+            lines.append(f"  web page             {self.url}  (Ctrl-C to stop)")
+        return "\n".join(lines)
+
+
+class Stage:
+    """Logs '[k/7] what' and records how long it took."""
+
+    def __init__(self, summary: DemoSummary, k: int, title: str):
+        self.summary, self.k, self.title = summary, k, title
+
+    def __enter__(self):
+        log.info("[%d/7] %s ...", self.k, self.title)
+        self.t = time.time()
+        return self
+
+    def __exit__(self, *exc):
+        dt = time.time() - self.t
+        self.summary.stages[self.title.split()[0]] = dt
+        if exc[0] is None:
+            log.info("[%d/7] %s done in %.1fs", self.k, self.title, dt)
+
+
+def _dataset(cfg: DemoConfig, out: Path, s: DemoSummary):
+    """Returns (manifest path, label names or None, loss) for the chosen source."""
+    from cxrray.manifest import write_manifest
+    from cxrray.sources import load_source
+    from cxrray.splits import assign_splits, check_leakage
+
+    if cfg.source == "synthetic":
+        from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
+
+        with Stage(s, 1, "generate synthetic chest X-rays"):
+            syn = write_synthetic_chexpert(out / "synthetic", SynthConfig(n_patients=cfg.n_patients, size=cfg.size,
+                                                                         seed=cfg.seed), progress=True)
+            s.outputs["synthetic data"] = str(syn.root)
+        root, options = out / "synthetic", {"views": ["frontal"], "official_split": False, "uncertainty": "U-Ones"}
+    else:
+        if not cfg.root:
+            raise ValueError(f"--source {cfg.source} needs --root (the dataset folder)")
+        with Stage(s, 1, f"read {cfg.source}"):
+            pass
+        root, options = cfg.root, ({"classes": 2} if cfg.source == "kermany" else {})
+    with Stage(s, 2, "manifest, patient split and leakage check"):
+        res = load_source(cfg.source, root, **options)
+        df = assign_splits(res.manifest, res.label_space, (0.7, 0.15, 0.15), seed=cfg.seed,
+                           respect_existing=res.manifest["split"].notna().any())
+        leak = check_leakage(df)
+        log.info("%s", leak.summary())
+        path = write_manifest(df, res.label_space, out / "manifest.parquet", info={"source": cfg.source})
+        s.outputs["manifest"] = str(path)
+    loss = "ce" if res.label_space.task == "multiclass" else "weighted_bce"
+    return path, loss
+
+
+def _serve_round_trip(artifact: Path, image_path: str, out: Path, s: DemoSummary, port: int) -> str:
+    import requests
+
+    from cxrray import serve
+
+    url = serve.run_server(str(artifact), port=port, blocking=False)
+    data = Path(image_path).read_bytes()
+    latencies = []
+    for _ in range(10):
+        t = time.perf_counter()
+        r = requests.post(f"{url}/predict", data=data, timeout=60)
+        r.raise_for_status()
+        latencies.append((time.perf_counter() - t) * 1000)
+    (out / "predict.json").write_text(json.dumps(r.json(), indent=2))
+    t = time.perf_counter()
+    r = requests.post(f"{url}/explain", data=data, timeout=120)
+    r.raise_for_status()
+    s.explain_latency_ms = (time.perf_counter() - t) * 1000
+    explained = r.json()
+    target, first = next(iter(explained["explanations"].items()))
+    overlay = out / "gradcam_overlay.png"
+    overlay.write_bytes(base64.b64decode(first["overlay_png_base64"]))
+    s.predict_latency_ms_p50 = statistics.median(latencies)
+    s.outputs["predict response"] = str(out / "predict.json")
+    s.outputs["Grad-CAM overlay"] = f"{overlay} ({target})"
+    return url
+
+
+def run_demo(cfg: DemoConfig) -> DemoSummary:
+    import ray
+
+    from cxrray.config import TrainConfig, build
+    from cxrray.evaluate import evaluate
+    from cxrray.score import ScoreConfig, score
+    from cxrray.train import init_ray, train
+
+    start = time.time()
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    s = DemoSummary(str(out))
+    init_ray(None, cfg.num_workers + 2)
+    try:
+        manifest, loss = _dataset(cfg, out, s)
+        with Stage(s, 3, f"train {cfg.model} with TorchTrainer ({cfg.num_workers} workers)"):
+            tcfg = build(TrainConfig, {
+                "manifest": str(manifest), "model": cfg.model, "image_size": cfg.size, "channels": 1,
+                "epochs": cfg.epochs, "batch_size": 32, "lr": 2e-3, "loss": loss, "run_name": "demo",
+                "storage_path": str(out / "runs"), "num_workers": cfg.num_workers, "seed": cfg.seed,
+                "labels": None, "max_failures": 1})
+            res = train(tcfg)
+            s.val_mean_auroc = res.best_val_mean_auroc
+            s.outputs["artifact"] = str(res.best_artifact)
+        with Stage(s, 4, "evaluate on the test split"):
+            ev = evaluate(res.best_artifact, manifest, out / "evaluation", split="test", bootstrap=500)
+            s.mean_auroc = ev.metrics.mean_auroc
+            s.outputs["ROC curves"] = ev.outputs["roc_curves"]
+            s.outputs["report"] = ev.outputs["markdown"]
+        with Stage(s, 5, "bulk-score the test split to Parquet"):
+            import pandas as pd
+
+            df = pd.read_parquet(manifest)
+            test = df[df["split"] == "test"][["image_id", "path"]]
+            test.to_csv(out / "test_inputs.csv", index=False)
+            summ = score(ScoreConfig(artifact=str(res.best_artifact), input=str(out / "test_inputs.csv"),
+                                     out=str(out / "predictions"), actors=cfg.score_actors))
+            s.images_scored, s.score_errors = summ["rows"], summ["errors"]
+            s.score_images_per_s = summ["images_per_s"]
+            s.outputs["predictions"] = summ["output"]
+        with Stage(s, 6, "Serve: /predict and /explain over HTTP"):
+            url = _serve_round_trip(res.best_artifact, test["path"].iloc[0], out, s, cfg.port)
+            if cfg.keep_serving:
+                s.url = url
+        s.seconds = time.time() - start
+        (out / "summary.json").write_text(json.dumps(s.to_dict(), indent=2, default=str))
+        if cfg.keep_serving:
+            log.info("Serve keeps running at %s (web page); Ctrl-C to stop", s.url)
+            print(s.human(), flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        return s
+    finally:
+        with Stage(s, 7, "shut down Serve and Ray"):
+            try:
+                from cxrray import serve
+
+                serve.shutdown()
+            except Exception as e:  # noqa: BLE001 - shutting down; report, don't mask the real error
+                log.warning("serve shutdown: %s", e)
+            if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+                ray.shutdown()
