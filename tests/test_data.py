@@ -1,0 +1,81 @@
+"""Ray Data pipeline: a small synthetic set streams into batch dicts, from files and from shards."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cxrray.data import files_dataset, prepare_shards, read_shard_info, shards_dataset
+from cxrray.manifest import read_manifest, write_manifest
+from cxrray.sources import load_source
+from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
+from cxrray.splits import assign_splits
+from cxrray.transforms import Augment, Preprocess
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def small_manifest(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic_chexpert(out / "syn", SynthConfig(n_patients=40, size=64, seed=3))
+    res = load_source("synthetic", out / "syn", views=["frontal"], official_split=False, uncertainty="U-Ones")
+    df = assign_splits(res.manifest, res.label_space, (0.6, 0.2, 0.2), seed=0)
+    path = write_manifest(df, res.label_space, out / "m.parquet")
+    return read_manifest(path)
+
+
+def _collect(ds, batch_size=16):
+    images, labels = [], []
+    for batch in ds.iter_torch_batches(batch_size=batch_size):
+        assert set(batch) == {"image", "labels"}
+        images.append(batch["image"].numpy())
+        labels.append(batch["labels"].numpy())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def test_files_dataset_yields_contract_batches(ray_session, small_manifest):
+    df, space = small_manifest
+    train = df[df["split"] == "train"]
+    pre = Preprocess(size=48, channels=1)
+    images, labels = _collect(files_dataset(train, space, pre, None))
+    assert images.shape == (len(train), 1, 48, 48) and images.dtype == np.uint8
+    assert labels.shape == (len(train), space.num_classes) and labels.dtype == np.float32
+    # Labels arrive as the manifest had them (order may differ: compare as multisets of rows).
+    expected = train[list(space.columns)].to_numpy(np.float32)
+    assert sorted(map(tuple, np.nan_to_num(labels, nan=-9))) == sorted(map(tuple, np.nan_to_num(expected, nan=-9)))
+    assert images.std() > 10  # real pictures, not zeros
+
+
+def test_augmented_epochs_differ(ray_session, small_manifest):
+    df, space = small_manifest
+    rows = df[df["split"] == "valid"].head(8)
+    ds = files_dataset(rows, space, Preprocess(size=48, channels=1), Augment())
+    a, _ = _collect(ds)
+    b, _ = _collect(ds)
+    assert a.shape == b.shape and not np.array_equal(np.sort(a.ravel()), np.sort(b.ravel()))
+
+
+def test_unreadable_file_is_skipped_not_fatal(ray_session, small_manifest, tmp_path):
+    df, space = small_manifest
+    rows = df[df["split"] == "test"].head(5).copy()
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows.iloc[0, rows.columns.get_loc("path")] = str(bad)
+    images, labels = _collect(files_dataset(rows, space, Preprocess(size=32, channels=1), None))
+    assert len(images) == 4 and len(labels) == 4
+
+
+def test_shards_round_trip_and_match_raw(ray_session, small_manifest, tmp_path):
+    df, space = small_manifest
+    info = prepare_shards(df, space, tmp_path / "shards", size=48, rows_per_shard=20, progress=False)
+    assert info.images == df["split"].value_counts().to_dict()
+    assert read_shard_info(tmp_path / "shards")["size"] == 48
+    pre = Preprocess(size=48, channels=1)
+    valid = df[df["split"] == "valid"]
+    raw, _ = _collect(files_dataset(valid, space, pre, None))
+    shard, labels = _collect(shards_dataset(tmp_path / "shards", "valid", space, pre, None))
+    assert shard.shape == raw.shape and labels.shape == (len(valid), space.num_classes)
+    assert np.array_equal(np.sort(shard.reshape(len(shard), -1).sum(1)), np.sort(raw.reshape(len(raw), -1).sum(1)))
+    # A re-run keeps the existing shards (resumable prepare).
+    again = prepare_shards(df, space, tmp_path / "shards", size=48, rows_per_shard=20, progress=False)
+    assert again.images == info.images
