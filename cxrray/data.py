@@ -91,6 +91,26 @@ def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Aug
                           fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns)})
 
 
+def _read_shards(split_dir: Path) -> ray.data.Dataset:
+    """read_parquet through Ray Data's V1 Parquet datasource.
+
+    Since Ray 2.60 the default (V2) reader lists files on every execution, i.e. every epoch,
+    with a fresh pool of RAY_DATA_PARQUET_FOOTER_NUM_ACTORS (32) footer-reading actors, sized
+    for object stores. On our few local shards that is seconds of process start-up per epoch
+    (2-7 s on 2 cores, where the V1 reader streams 1,000 images in 0.4 s; see
+    benchmarks/results/data.md). V1 reads the footers once, here on the driver.
+    """
+    ctx = ray.data.DataContext.get_current()
+    if not hasattr(ctx, "use_datasource_v2"):  # older Ray: V1 is the only reader
+        return ray.data.read_parquet(str(split_dir))
+    previous = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(str(split_dir))
+    finally:
+        ctx.use_datasource_v2 = previous
+
+
 def shards_dataset(shards_dir: str | Path, split: str, space: LabelSpace, pre: Preprocess,
                    aug: Augment | None, batch_size: int = 32) -> ray.data.Dataset:
     split_dir = Path(shards_dir) / split
@@ -99,7 +119,7 @@ def shards_dataset(shards_dir: str | Path, split: str, space: LabelSpace, pre: P
     info = read_shard_info(shards_dir)
     if info["size"] < pre.size:
         raise ValueError(f"shards in {shards_dir} are {info['size']} px, smaller than the model's {pre.size} px")
-    ds = ray.data.read_parquet(str(split_dir))
+    ds = _read_shards(split_dir)
     return ds.map_batches(decode_shard_rows, batch_size=batch_size, batch_format="numpy",
                           fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns)})
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -160,7 +159,7 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     s = DemoSummary(str(out))
-    init_ray(None, cfg.num_workers + 2)
+    started_ray = init_ray(None, cfg.num_workers + 2)
     try:
         manifest, loss = _dataset(cfg, out, s)
         with Stage(s, 3, f"train {cfg.model} with TorchTrainer ({cfg.num_workers} workers)"):
@@ -211,5 +210,5 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
                 serve.shutdown()
             except Exception as e:  # noqa: BLE001 - shutting down; report, don't mask the real error
                 log.warning("serve shutdown: %s", e)
-            if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+            if started_ray and ray.is_initialized():
                 ray.shutdown()

@@ -160,7 +160,9 @@ class Predictor:
         """Ray Data batch -> prediction rows (the predictions-Parquet contract)."""
         if "image" not in batch:
             batch = decode_batch(batch, self.preprocess, self.max_pixels, self.max_bytes)
-        errors = np.asarray(batch.get("error", [None] * len(batch["image"])), dtype=object)
+        # Ray Data stores an all-None `error` column as Arrow null, which comes back as NaN floats.
+        errors = np.array([None if _no_error(e) else e for e in batch.get("error", [None] * len(batch["image"]))],
+                          dtype=object)
         good = np.array([e is None for e in errors], dtype=bool)
         n = len(errors)
         probs = np.full((n, self.label_space.num_classes), np.nan, np.float32)
@@ -180,6 +182,10 @@ class Predictor:
         out["model_id"] = np.array([self.model_id] * n, dtype=object)
         out["error"] = errors
         return out
+
+
+def _no_error(e: Any) -> bool:
+    return e is None or (isinstance(e, (float, np.floating)) and np.isnan(e))
 
 
 def predict_paths(predictor: Predictor, paths: Sequence[str], batch_size: int = 32) -> dict[str, np.ndarray]:

@@ -227,22 +227,24 @@ def ensure_manifest(cfg: TrainConfig) -> Path:
     return write_manifest(df, res.label_space, path, info={"source": cfg.source, "root": cfg.root})
 
 
-def init_ray(address: str | None, worker_cpus: int) -> None:
+def init_ray(address: str | None, worker_cpus: int) -> bool:
     """Join the cluster at `address`, or start a local one. Locally, the CPU count is raised so
     that the train workers never starve Ray Data's decode tasks (which would deadlock a 2-core
-    machine: both cores held by workers waiting for batches nobody can decode)."""
+    machine: both cores held by workers waiting for batches nobody can decode).
+    Returns True when this call started a local cluster (the caller then owns its shutdown)."""
     import os
 
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")  # set for `ray job submit` drivers
     if address:
         ray.init(address=address, configure_logging=False)
-        return
+        return False
     cores = os.cpu_count() or 1
     ray.init(num_cpus=max(cores, worker_cpus + 2), include_dashboard=False, configure_logging=False)
+    return True
 
 
 def use_gpu(cfg: TrainConfig) -> bool:
