@@ -172,12 +172,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from cxrray import score
-
-    return score.main(args.score_args)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from cxrray import serve
 
@@ -275,10 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUROC CIs (0: none)")
 
-    sc = sub.add_parser("score", help="bulk-score an image archive to Parquet (see `cxrray score --help`)",
-                        add_help=False)
-    sc.add_argument("score_args", nargs=argparse.REMAINDER)
-    sc.set_defaults(fn=cmd_score)
+    from cxrray import score as score_mod  # light at import: its Ray/torch work is lazy
+
+    sc = add("score", score_mod.run, "bulk-score an image archive (folder, glob, CSV/Parquet, s3://) to Parquet")
+    score_mod.add_arguments(sc, json_flag=False)
 
     sv = add("serve", cmd_serve, "serve an artifact over HTTP with Grad-CAM (Ray Serve)")
     sv.add_argument("--artifact", required=True)

@@ -1,0 +1,470 @@
+"""Bulk scoring: input listing and resume bookkeeping (pure, milliseconds), then the Ray job
+end to end on the session cluster, then kill-and-resume of a real driver process."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cxrray import score
+from cxrray.score import (
+    OutputConflict,
+    InputError,
+    PartWriter,
+    ScoreConfig,
+    list_inputs,
+    output_schema,
+    plan_resources,
+    scan_output,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_png(path: Path, size: int = 48, seed: int = 0, mode: str = "L") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 255, (size, size), dtype=np.uint8)
+    Image.fromarray(arr).convert(mode).save(path, format="PNG" if path.suffix.lower() != ".jpg" else "JPEG")
+    return path
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A well-formed PNG header claiming a huge image (a decompression bomb's shape)."""
+    def chunk(t: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + t + data + struct.pack(">I", zlib.crc32(t + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def dicom_bytes(arr: np.ndarray) -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray for Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def make_artifact(path: Path, seed: int = 0) -> Path:
+    import torch
+
+    from cxrray.artifact import ModelMeta, save_artifact
+    from cxrray.labels import SYNTHETIC_FINDINGS, LabelSpace
+    from cxrray.models import build_model, gradcam_layer_path
+    from cxrray.transforms import Preprocess
+
+    torch.manual_seed(seed)
+    pre, space = Preprocess(size=64, channels=1), LabelSpace(SYNTHETIC_FINDINGS)
+    net = build_model("small_cnn", space.num_outputs, pre)
+    meta = ModelMeta("small_cnn", space, pre, [0.5] * space.num_classes, gradcam_layer_path("small_cnn"))
+    return save_artifact(path, net, meta)
+
+
+def run_main(capsys, *argv: str) -> tuple[int, dict]:
+    rc = score.main([*argv, "--json"])
+    return rc, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("art") / "model")
+
+
+@pytest.fixture(scope="module")
+def other_artifact(tmp_path_factory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("art2") / "model", seed=1)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("archive")
+    for i in range(60):
+        write_png(root / f"s{i % 4}" / f"img{i:03d}.png", seed=i)
+    return root
+
+
+# --------------------------------------------------------------------------- input listing
+
+
+def test_folder_listing_is_recursive_sorted_and_skips_non_images(tmp_path: Path) -> None:
+    for rel in ("b/x.png", "a/y.JPG", "a/z.dcm", "c/IM000001", "c/1.2.840.10008.99", "c/scan.dicom", "top.jpeg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    for rel in ("notes.txt", "a/labels.csv", ".hidden.png", ".git/obj.png", "c/DICOMDIR"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    df = list_inputs(str(tmp_path))
+    assert df["image_id"].tolist() == ["a/y.JPG", "a/z.dcm", "b/x.png", "c/1.2.840.10008.99", "c/IM000001",
+                                       "c/scan.dicom", "top.jpeg"]
+    assert all(Path(p).is_absolute() and Path(p).exists() for p in df["path"])
+
+
+def test_glob_csv_parquet_and_uri_inputs(tmp_path: Path) -> None:
+    root = tmp_path / "arc"
+    for rel in ("p1/a.png", "p1/b.png", "p2/c.png"):
+        write_png(root / rel)
+    g = list_inputs(str(root / "**" / "*.png"))
+    assert g["image_id"].tolist() == ["p1/a.png", "p1/b.png", "p2/c.png"]
+    # CSV paths are relative to the CSV; duplicates of the same file collapse to one input.
+    (root / "list.csv").write_text("path\np1/a.png\np2/c.png\np2/c.png\n")
+    c = list_inputs(str(root / "list.csv"))
+    assert c["path"].tolist() == [str(root / "p1/a.png"), str(root / "p2/c.png")]
+    pd.DataFrame({"image_id": ["x", "y"], "path": [str(root / "p1/a.png"), "s3://bucket/k.png"]}).to_parquet(
+        tmp_path / "m.parquet")
+    assert list_inputs(str(tmp_path / "m.parquet"))["path"].tolist()[1] == "s3://bucket/k.png"
+    # Object stores go through pyarrow.fs; file:// exercises the same code without a network.
+    u = list_inputs(f"file://{root}")
+    assert u["image_id"].tolist() == ["p1/a.png", "p1/b.png", "p2/c.png"]
+    assert u["path"].iloc[0] == f"file://{root}/p1/a.png"
+
+
+def test_inputs_that_cannot_be_scored_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no images"):
+        list_inputs(str(tmp_path))
+    with pytest.raises(InputError, match="no such"):
+        list_inputs(str(tmp_path / "nope"))
+    (tmp_path / "l.csv").write_text("image_id,path\nsame,/a.png\nsame,/b.png\n")
+    with pytest.raises(InputError, match="unique image_id"):
+        list_inputs(str(tmp_path / "l.csv"))
+    (tmp_path / "n.csv").write_text("file\n/a.png\n")
+    with pytest.raises(InputError, match="'path' column"):
+        list_inputs(str(tmp_path / "n.csv"))
+
+
+# --------------------------------------------------------------------------- output bookkeeping
+
+
+SCHEMA = output_schema(["p_a", "p_b"])
+
+
+def result_batch(ids: list[str], errors: list[str | None] | None = None) -> pa.Table:
+    errors = errors or [None] * len(ids)
+    n = len(ids)
+    return pa.table({"image_id": ids, "path": [f"/x/{i}" for i in ids], "p_a": np.full(n, 0.25, np.float32),
+                     "p_b": np.full(n, np.nan, np.float32), "positive": [[] for _ in ids],
+                     "model_id": ["m1"] * n, "error": errors})
+
+
+def test_part_writer_routes_rows_to_chunks_drops_duplicates_and_nulls_failed_probs(tmp_path: Path) -> None:
+    ids = [f"id{i:02d}" for i in range(10)]
+    w = PartWriter(tmp_path, ids, chunk_size=4, first_part=3, schema=SCHEMA, model_id="m1", label_space={})
+    # Out of order, with a retried batch re-sending rows: chunks are [0-3], [4-7], [8-9].
+    assert w.add(result_batch(["id09", "id01", "id05"], [None, "corrupt: /x: bad", None])) == 3
+    assert w.add(result_batch(["id00", "id02", "id03", "id01"])) == 3  # id01 again: dropped
+    assert sorted(os.listdir(tmp_path)) == ["part-00003.parquet"]
+    assert w.add(result_batch(["id08", "id04", "id06", "id07", "id03"])) == 4  # id03: chunk already on disk
+    assert sorted(os.listdir(tmp_path)) == ["part-00003.parquet", "part-00004.parquet", "part-00005.parquet"]
+    df = pd.read_parquet(tmp_path)
+    assert list(df.columns) == SCHEMA.names and len(df) == 10 and df["image_id"].is_unique
+    bad = df.set_index("image_id").loc["id01"]
+    assert pd.isna(bad["p_a"]) and bad["error"].startswith("corrupt")
+    assert pq.read_table(tmp_path / "part-00003.parquet")["p_a"].null_count == 1  # null, not NaN
+    assert w.duplicates == 2 and w.rows_written == 10
+
+
+def test_partial_chunks_are_flushed_on_failure(tmp_path: Path) -> None:
+    w = PartWriter(tmp_path, ["a", "b", "c"], chunk_size=3, first_part=0, schema=SCHEMA, model_id="m1",
+                   label_space={})
+    w.add(result_batch(["a"]))
+    w.flush()
+    assert pd.read_parquet(tmp_path)["image_id"].tolist() == ["a"]
+
+
+def _part(out: Path, index: int, ids: list[str], model_id: str = "m1") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    PartWriter(out, ids, len(ids), index, SCHEMA, model_id, {}).add(result_batch(ids))
+
+
+def test_scan_output_resumes_cleans_up_and_refuses_another_model(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert scan_output(out, "m1", SCHEMA, force_model=False).done == set()
+    _part(out, 0, ["a", "b"])
+    _part(out, 4, ["c"])
+    (out / ".part-00005.parquet.tmp-123").write_bytes(b"half")  # a crash mid-write
+    (out / "part-00006.parquet").write_bytes(b"PAR1 not really")  # unreadable: redone
+    st = scan_output(out, "m1", SCHEMA, force_model=False)
+    assert st.done == {"a", "b", "c"} and st.next_part == 5
+    assert sorted(os.listdir(out)) == ["part-00000.parquet", "part-00004.parquet"]
+    with pytest.raises(OutputConflict, match="--force-model"):
+        scan_output(out, "m2", SCHEMA, force_model=False)
+    st = scan_output(out, "m2", SCHEMA, force_model=True)
+    assert st.done == set() and os.listdir(out) == []
+
+
+def test_scan_output_refuses_duplicates_and_foreign_folders(tmp_path: Path) -> None:
+    _part(tmp_path / "dup", 0, ["a", "b"])
+    _part(tmp_path / "dup", 1, ["b"])
+    with pytest.raises(OutputConflict, match="'b' has rows"):
+        scan_output(tmp_path / "dup", "m1", SCHEMA, force_model=False)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "scan.png").write_bytes(b"x")
+    with pytest.raises(OutputConflict, match="not a predictions folder"):
+        scan_output(tmp_path / "foreign", "m1", SCHEMA, force_model=False)
+
+
+def test_output_lock_is_exclusive(tmp_path: Path) -> None:
+    lock = score.OutputLock(tmp_path)
+    with pytest.raises(OutputConflict, match="another scoring run"):
+        score.OutputLock(tmp_path)
+    lock.release()
+    score.OutputLock(tmp_path).release()
+
+
+def test_plan_resources() -> None:
+    cfg = ScoreConfig("a", "i", "o")
+    assert plan_resources(cfg, 8, 0) == score.Resources(8, 1.0, 0.0, "actor")
+    assert plan_resources(ScoreConfig("a", "i", "o", decode="task"), 8, 0).actors == 7  # a CPU for decoding
+    assert plan_resources(cfg, 16, 2) == score.Resources(2, 1.0, 1.0, "task")
+    assert plan_resources(ScoreConfig("a", "i", "o", actors=3, cpus_per_actor=2), 8, 0).actors == 3
+
+
+# --------------------------------------------------------------------------- Ray job end to end
+
+
+@pytest.mark.ray
+def test_scoring_matches_the_predictor_and_resumes(ray_session, capsys, artifact: Path, archive: Path,
+                                                    tmp_path: Path) -> None:
+    from cxrray.predict import Predictor, predict_paths
+
+    out = tmp_path / "preds"
+    # First a subset (a glob: ids stay relative to the archive root), then the whole archive.
+    rc, s = run_main(capsys, "--artifact", str(artifact), "--input", str(archive / "*" / "img00*.png"), "--out",
+                     str(out), "--actors", "1", "--chunk-size", "7")
+    assert rc == 0 and s["images"] == 10
+    rc, s = run_main(capsys, "--artifact", str(artifact), "--input", str(archive), "--out", str(out),
+                     "--actors", "1", "--chunk-size", "16", "--decode", "task")
+    assert rc == 0 and s["complete"] and s["already_done"] == 10 and s["scored_this_run"] == 50
+    assert s["rows"] == 60 and s["resources"]["decode"] == "task"
+
+    df = pd.read_parquet(out)
+    p = Predictor(artifact, num_threads=1)
+    assert list(df.columns) == ["image_id", "path", *p.prob_columns, "positive", "model_id", "error"]
+    assert df["image_id"].is_unique and len(df) == 60 and (df["model_id"] == p.model_id).all()
+    ref = predict_paths(p, df["path"].tolist())
+    for c in p.prob_columns:
+        np.testing.assert_allclose(df[c].to_numpy(), ref[c], atol=1e-5)
+    assert [list(x) for x in df["positive"]] == [list(x) for x in ref["positive"]]
+    # Nothing left to do: a re-run scores nothing and changes nothing.
+    rc, s = run_main(capsys, "--artifact", str(artifact), "--input", str(archive), "--out", str(out))
+    assert rc == 0 and s["scored_this_run"] == 0 and s["rows"] == 60
+
+
+@pytest.mark.ray
+def test_mixed_archive_gives_one_row_per_file_with_reasons(ray_session, capsys, artifact: Path,
+                                                          tmp_path: Path) -> None:
+    arc = tmp_path / "mixed"
+    good = [write_png(arc / "png" / f"g{i}.png", seed=i) for i in range(5)]
+    good.append(write_png(arc / "png" / "rgba.png", mode="RGBA"))
+    good.append(write_png(arc / "jpg" / "g.jpg", mode="RGB"))
+    (arc / "dcm").mkdir()
+    dcm = dicom_bytes(np.random.default_rng(0).integers(0, 4095, (40, 36)))
+    (arc / "dcm" / "ok.dcm").write_bytes(dcm)
+    (arc / "dcm" / "1.2.840.99.1").write_bytes(dcm)  # extension-less, UID-named, as PACS exports do
+    good += [arc / "dcm" / "ok.dcm", arc / "dcm" / "1.2.840.99.1"]
+    whole = (arc / "png" / "g0.png").read_bytes()
+    planted = {
+        "bad/empty.png": (b"", "empty"),
+        "bad/truncated.png": (whole[: len(whole) // 2], "truncated"),
+        "bad/corrupt.png": (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "corrupt"),
+        "bad/notes.jpg": (b"patient list, not an image\n", "not_an_image"),
+        "bad/README": (b"extension-less text\n", "not_an_image"),
+        "bad/bomb.png": (png_declaring(100_000, 100_000), "too_large"),
+        "bad/cut.dcm": (dcm[: len(dcm) - 500], "truncated"),
+    }
+    for rel, (data, _) in planted.items():
+        (arc / rel).parent.mkdir(parents=True, exist_ok=True)
+        (arc / rel).write_bytes(data)
+    os.symlink(arc / "gone.png", arc / "bad" / "dangling.png")
+    planted["bad/dangling.png"] = (b"", "missing")
+
+    out = tmp_path / "out"
+    rc, s = run_main(capsys, "--artifact", str(artifact), "--input", str(arc), "--out", str(out), "--actors", "1",
+                     "--batch-size", "4")
+    assert rc == 0 and s["complete"]
+    df = pd.read_parquet(out).set_index("image_id")
+    assert len(df) == len(good) + len(planted) == s["images"]
+    for rel, (_, reason) in planted.items():
+        assert df.loc[rel, "error"].split(":")[0] == reason, (rel, df.loc[rel, "error"])
+        assert df.loc[rel, ["p_cardiomegaly", "p_pneumothorax"]].isna().all() and df.loc[rel, "positive"] is None
+    ok = df.loc[[p.relative_to(arc).as_posix() for p in good]]
+    assert ok["error"].isna().all() and ok["p_cardiomegaly"].between(0, 1).all()
+    expected = pd.Series([r for _, r in planted.values()]).value_counts().to_dict()
+    assert s["errors_by_reason"] == expected and s["errors"] == len(planted)
+    # The pixel cap is an option: a small one turns the good images into too_large rows.
+    rc, s = run_main(capsys, "--artifact", str(artifact), "--input", str(arc / "png"), "--out",
+                     str(tmp_path / "capped"), "--actors", "1", "--max-pixels", "1000")
+    assert s["errors_by_reason"] == {"too_large": 6}
+
+
+@pytest.mark.ray
+def test_another_models_output_is_refused_unless_forced(ray_session, capsys, artifact: Path,
+                                                        other_artifact: Path, archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    inp = str(archive / "s1")
+    assert run_main(capsys, "--artifact", str(artifact), "--input", inp, "--out", str(out), "--actors", "1")[0] == 0
+    rc, s = run_main(capsys, "--artifact", str(other_artifact), "--input", inp, "--out", str(out))
+    assert rc == 2 and "--force-model" in s["error"]
+    rc, s = run_main(capsys, "--artifact", str(artifact), "--input", str(archive / "s2"), "--out", str(out))
+    assert rc == 2 and "input changed" in s["error"]
+    rc, s = run_main(capsys, "--artifact", str(other_artifact), "--input", inp, "--out", str(out), "--actors", "1",
+                     "--force-model")
+    assert rc == 0 and s["scored_this_run"] == 15
+    df = pd.read_parquet(out)
+    assert len(df) == 15 and df["model_id"].nunique() == 1 and df["model_id"].iloc[0] == s["model_id"]
+    doc = json.loads((out / "_manifest.json").read_text())
+    assert doc["model_id"] == s["model_id"] and doc["complete"] and len(doc["runs"]) == 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_auroc_from_the_parquet_equals_evaluate(ray_session, capsys, tmp_path: Path) -> None:
+    from cxrray.engine import quick_train
+    from cxrray.evaluate import evaluate
+    from cxrray.heads import eval_targets
+    from cxrray.labels import SYNTHETIC_FINDINGS
+    from cxrray.manifest import write_manifest
+    from cxrray.metrics import compute_metrics
+    from cxrray.sources import load_chexpert
+    from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
+    from cxrray.splits import assign_splits
+
+    import torch
+
+    write_synthetic_chexpert(tmp_path / "syn", SynthConfig(n_patients=40, size=64, seed=3))
+    res = load_chexpert(tmp_path / "syn", labels=list(SYNTHETIC_FINDINGS))
+    df = assign_splits(res.manifest, res.label_space, (0.5, 0.2, 0.3), seed=0)
+    space = res.label_space
+    art = quick_train(df, space, tmp_path / "art", epochs=2)
+    manifest = write_manifest(df, space, tmp_path / "m.parquet")
+    test = df[df["split"] == "test"]
+    write_manifest(test, space, tmp_path / "test.parquet")
+
+    rc, s = run_main(capsys, "--artifact", str(art), "--input", str(tmp_path / "test.parquet"), "--out",
+                     str(tmp_path / "preds"), "--actors", "1")
+    assert rc == 0 and s["images"] == len(test) and s["errors"] == 0
+    preds = pd.read_parquet(tmp_path / "preds").set_index("image_id").loc[test["image_id"]]
+    probs = preds[[c for c in preds.columns if c.startswith("p_")]].to_numpy(np.float64)
+    targets = eval_targets(torch.from_numpy(test[list(space.columns)].to_numpy(np.float32)), space).numpy()
+    ours = compute_metrics(space, targets, probs).auroc_by_class()
+    theirs = evaluate(art, manifest, tmp_path / "eval", split="test", bootstrap=0).metrics.auroc_by_class()
+    assert ours.keys() == theirs.keys() and any(v is not None for v in ours.values())
+    for k in ours:
+        assert (ours[k] is None) == (theirs[k] is None)
+        if ours[k] is not None:
+            assert ours[k] == pytest.approx(theirs[k], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- crash and resume
+
+
+def _alive_actor_pids(class_part: str) -> list[int]:
+    from ray._private import state
+
+    return [a["Pid"] for a in state.actors().values() if a["State"] == "ALIVE" and class_part in a["ActorClassName"]]
+
+
+def _start(argv: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(log, "wb") as f:
+        return subprocess.Popen([sys.executable, str(REPO / "jobs" / "score.py"), *argv], cwd=REPO, env=env,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_part(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while not list(out.glob("part-*.parquet")):
+        assert proc.poll() is None, "the scoring run ended before writing a part"
+        assert time.time() < end, "no part file appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigkill_of_the_driver_or_a_worker_then_rerun_gives_one_row_per_image(ray_session, artifact: Path,
+                                                                             tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    for i in range(300):
+        write_png(arc / f"d{i % 10}" / f"{i:04d}.png", size=32, seed=i)
+    out = tmp_path / "out"
+    address = ray_session.get_runtime_context().gcs_address
+    argv = ["--artifact", str(artifact), "--input", str(arc), "--out", str(out), "--actors", "1",
+            "--batch-size", "4", "--chunk-size", "10", "--ray-address", address, "--json"]
+
+    # 1. SIGKILL a Predictor actor mid-run: Ray Data restarts it and the run still completes.
+    proc = _start(argv, tmp_path / "run1.log")
+    try:
+        _wait_for_part(out, proc)
+        pids = _alive_actor_pids("ContractPredictor")
+        assert pids, "no Predictor actor to kill"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, (tmp_path / "run1.log").read_text()[-3000:]
+    finally:
+        proc.kill()
+    s = json.loads((tmp_path / "run1.log").read_text().strip().splitlines()[-1])
+    assert s["complete"] and s["rows"] == 300
+
+    # 2. SIGKILL the driver after its first part; the same command then completes the rest.
+    out2 = tmp_path / "out2"
+    argv[argv.index(str(out))] = str(out2)
+    proc = _start(argv, tmp_path / "run2.log")
+    try:
+        _wait_for_part(out2, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    left = pd.read_parquet(out2) if list(out2.glob("part-*.parquet")) else pd.DataFrame({"image_id": []})
+    assert 0 < len(left) < 300, "the kill came too late to test resuming"
+    proc = _start(argv, tmp_path / "run3.log")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "run3.log").read_text()[-3000:]
+    s = json.loads((tmp_path / "run3.log").read_text().strip().splitlines()[-1])
+    assert s["already_done"] == len(left) and s["scored_this_run"] == 300 - len(left)
+    df = pd.read_parquet(out2)
+    assert len(df) == 300 and df["image_id"].is_unique and df["error"].isna().all()
+    assert set(df["image_id"]) == set(list_inputs(str(arc))["image_id"])
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.ray
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.parametrize("folder, n", [("nih14/images", 200), ("kermany/chest_xray/test", 624)])
+def test_real_archives_score_without_errors(ray_session, capsys, shared_data: Path, artifact: Path,
+                                            tmp_path: Path, folder: str, n: int) -> None:
+    rc, s = run_main(capsys, "--artifact", str(artifact), "--input", str(shared_data / folder), "--out",
+                     str(tmp_path / "out"), "--actors", "2", "--batch-size", "32")
+    assert rc == 0 and s["images"] == n and s["rows"] == n and s["errors"] == 0, s
+    df = pd.read_parquet(tmp_path / "out")
+    assert df["image_id"].is_unique and df["p_cardiomegaly"].notna().all()
