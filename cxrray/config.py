@@ -65,6 +65,8 @@ class TrainConfig:
     use_gpu: str | bool = "auto"  # auto: when the cluster has GPUs
     cpus_per_worker: int = 1
     max_failures: int = 2
+    # PACK (Ray's default) fills one node first; SPREAD/STRICT_SPREAD put workers on different nodes.
+    placement_strategy: str = "PACK"
     ray_address: str | None = None
 
     def resolved_storage(self) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -75,19 +76,33 @@ def decode_shard_rows(batch: dict, *, pre: Preprocess, aug: Augment | None, labe
     return _keep_good(images, _label_matrix(batch, label_cols), batch["image_id"], [], size)
 
 
-def _blocks(n_rows: int, rows_per_block: int = 64) -> int:
-    return max(1, min(200, math.ceil(n_rows / rows_per_block)))
+MAX_ROWS_PER_TASK = 256
+
+
+def _rows_per_task(n_rows: int, batch_size: int) -> int:
+    """Rows per decode task: at least two tasks per cluster CPU (load balance, as Ray Data's own
+    read parallelism does), otherwise as many rows as possible, up to MAX_ROWS_PER_TASK.
+
+    Each Ray task carries a fixed cost (scheduling, object-store round trip): ~20 ms on a busy
+    2-core machine, as much as decoding 20-40 Kermany JPEGs. Tasks of one training batch
+    (32 rows) cost ~30% of the raw-JPEG throughput (benchmarks/results/data.md).
+    """
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else (os.cpu_count() or 1)
+    return int(max(1, min(MAX_ROWS_PER_TASK, max(batch_size, math.ceil(n_rows / (2 * max(1, cpus)))))))
 
 
 def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Augment | None,
                   batch_size: int = 32) -> ray.data.Dataset:
-    """Raw image files -> batch dicts. Many small blocks so decoding spreads over all CPUs."""
+    """Raw image files -> batch dicts. One block per decode task, sized by `_rows_per_task`, so
+    decoding spreads over all CPUs. `batch_size` is the smallest task; training re-batches."""
     cols = ["image_id", "path", *space.columns]
     frame = df[cols].reset_index(drop=True)
-    bounds = np.linspace(0, len(frame), _blocks(len(frame)) + 1).astype(int)
+    rows = _rows_per_task(len(frame), batch_size)
+    n_blocks = max(1, math.ceil(len(frame) / rows))
+    bounds = np.linspace(0, len(frame), n_blocks + 1).astype(int)
     parts = [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     ds = ray.data.from_pandas(parts)
-    return ds.map_batches(decode_files, batch_size=batch_size, batch_format="numpy",
+    return ds.map_batches(decode_files, batch_size=rows, batch_format="numpy",
                           fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns)})
 
 
@@ -120,7 +135,8 @@ def shards_dataset(shards_dir: str | Path, split: str, space: LabelSpace, pre: P
     if info["size"] < pre.size:
         raise ValueError(f"shards in {shards_dir} are {info['size']} px, smaller than the model's {pre.size} px")
     ds = _read_shards(split_dir)
-    return ds.map_batches(decode_shard_rows, batch_size=batch_size, batch_format="numpy",
+    rows = _rows_per_task(int(info["images"].get(split, 0)), batch_size)
+    return ds.map_batches(decode_shard_rows, batch_size=rows, batch_format="numpy",
                           fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns)})
 
 

@@ -152,8 +152,9 @@ def train_loop_per_worker(config: dict) -> None:
             row = {"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": vloss,
                    "val_mean_auroc": metrics.mean_auroc, "val_auroc": metrics.auroc_by_class(),
                    "lr": optimizer.param_groups[0]["lr"], "train_images_per_s": stats["images_per_s"] * world,
-                   "thresholds": thresholds}
+                   "thresholds": thresholds, "train_images": stats["images"] * world, "val_images": len(probs)}
         row = _broadcast(row, rank, world)
+        _check_images_were_read(row, cfg)
         history.append(row)
         score = row["val_mean_auroc"] if row["val_mean_auroc"] is not None else -row["val_loss"]
         improved = best is None or score > best
@@ -190,6 +191,22 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 log.info("early stopping: no val mean AUROC gain for %d epochs", stale)
             break
+
+
+class NoReadableImages(RuntimeError):
+    """An epoch decoded no training or no validation image: every file failed to load."""
+
+
+def _check_images_were_read(row: dict, cfg: TrainConfig) -> None:
+    """Unreadable files are skipped one by one (data.decode_files); if that leaves nothing, stop
+    instead of "training" on zero images for every epoch. Every rank sees the same broadcast
+    row, so all of them raise together."""
+    for split in ("train", "val"):
+        if row[f"{split}_images"] == 0:
+            raise NoReadableImages(
+                f"epoch {row['epoch']}: not one {split} image of {cfg.manifest} could be read (see the "
+                f"'skipping unreadable training image' warnings): check that the manifest's paths exist on "
+                f"every node")
 
 
 def _meta(cfg: TrainConfig, config: dict, space: LabelSpace, pre: Preprocess, thresholds, history) -> ModelMeta:
@@ -299,7 +316,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             "fingerprint": data_fingerprint(df), "n_train": len(train_df), "n_valid": len(valid_df),
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=cfg.run_name, storage_path=str(cfg.resolved_storage()),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),

@@ -1,0 +1,236 @@
+"""Input-pipeline benchmark (not a test): images/s of decode -> resize -> normalise.
+
+Four ways over the same files, side by side in one run, results to benchmarks/results/data.md:
+
+  single      one process, `imaging.load_image` + `transforms.preprocess_image` (x cores = CPU limit)
+  dataloader  torch DataLoader, --cpus worker processes doing exactly that decode
+  ray_files   `cxrray.data.files_dataset(aug=None)` on a local Ray with --cpus CPUs
+  ray_shards  `cxrray.data.shards_dataset` over Parquet shards written once by `prepare_shards`
+
+With --before, also the pipeline as `cxrray.data` built it before this benchmark: 32-row decode
+tasks, and shards through Ray's default (V2) Parquet reader.
+
+Every consumer normalises the uint8 batch to float ((x/255 - 0.5) / 0.25), as `models.CXRModel`
+does. Each method first runs one untimed warm-up epoch (worker start-up, page cache); then the
+methods run interleaved, one epoch each per round, so machine noise hits them alike; medians
+are reported. Ray's per-epoch cost is the whole pipeline re-executed, as in training.
+
+    python benchmarks/bench_data.py --cpus 2 --rounds 5 --sets nih kermany:1000 kermany:5216 --before
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cxrray.imaging import load_image  # noqa: E402
+from cxrray.labels import LabelSpace  # noqa: E402
+from cxrray.transforms import Preprocess, preprocess_image  # noqa: E402
+
+log = logging.getLogger("bench_data")
+SPACE = LabelSpace(("y",))
+
+
+def kermany_subset(root: Path, n: int, seed: int = 0) -> list[str]:
+    """A fixed subset: every train JPEG sorted by path, then a seeded sample of n, sorted."""
+    files = sorted(str(p) for p in root.glob("*/*.jpeg"))
+    idx = np.sort(np.random.default_rng(seed).choice(len(files), size=min(n, len(files)), replace=False))
+    return [files[i] for i in idx]
+
+
+def frame(paths: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"image_id": [Path(p).name for p in paths], "path": paths,
+                         "y": np.zeros(len(paths), np.float32), "split": "train"})
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0).sub_(0.5).div_(0.25)
+
+
+def consume(batches) -> tuple[int, float]:
+    """Drain an iterator of {"image": uint8 [N,1,S,S]} batches; (images, seconds to the first batch)."""
+    t0, first, n = time.perf_counter(), None, 0
+    for b in batches:
+        x = normalise(torch.as_tensor(b["image"]))
+        n += x.shape[0]
+        if first is None:
+            first = time.perf_counter() - t0
+    return n, first or 0.0
+
+
+class FileDataset(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str], pre: Preprocess):
+        self.paths, self.pre = paths, pre
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.from_numpy(preprocess_image(load_image(self.paths[i]), self.pre)),
+                "labels": torch.zeros(1)}
+
+
+def run_single(paths: list[str], pre: Preprocess, batch: int) -> tuple[int, float]:
+    def batches():
+        for i in range(0, len(paths), batch):
+            yield {"image": np.stack([preprocess_image(load_image(p), pre) for p in paths[i:i + batch]])}
+    return consume(batches())
+
+
+def _legacy(ds, rows: int, pre: Preprocess, fn):
+    return ds.map_batches(fn, batch_size=rows, batch_format="numpy",
+                          fn_kwargs={"pre": pre, "aug": None, "label_cols": list(SPACE.columns)})
+
+
+class Methods:
+    """One epoch of each method; construction does the one-off work (shards, loader, datasets)."""
+
+    def __init__(self, paths: list[str], pre: Preprocess, cpus: int, batch: int, work: Path):
+        import ray
+
+        from cxrray.data import _read_shards, decode_files, decode_shard_rows, files_dataset, prepare_shards, \
+            shards_dataset
+
+        self.paths, self.pre, self.batch = paths, pre, batch
+        self.loader = torch.utils.data.DataLoader(FileDataset(paths, pre), batch_size=batch, num_workers=cpus,
+                                                  persistent_workers=True)
+        df = frame(paths)
+        self.ds = {"ray_files": files_dataset(df, SPACE, pre, None, batch)}
+        t0 = time.perf_counter()
+        info = prepare_shards(df, SPACE, work / "shards", size=pre.size, progress=False)
+        self.prepare_s = time.perf_counter() - t0
+        self.n_shards = info.shards["train"]
+        shard_dir = work / "shards" / "train"
+        self.ds["ray_shards"] = shards_dataset(work / "shards", "train", SPACE, pre, None, batch)
+        # cxrray.data before this benchmark: 64-row blocks decoded in tasks of one batch (32 rows);
+        # shards through Ray's default (V2) Parquet reader, also in 32-row tasks.
+        cols = ["image_id", "path", *SPACE.columns]
+        parts = [df[cols].iloc[i:i + 64] for i in range(0, len(df), 64)]
+        self.ds["ray_files_before"] = _legacy(ray.data.from_pandas(parts), batch, pre, decode_files)
+        self.ds["ray_shards_before"] = _legacy(ray.data.read_parquet(str(shard_dir)), batch, pre, decode_shard_rows)
+        self.ds["ray_shards_v1_32rows"] = _legacy(_read_shards(shard_dir), batch, pre, decode_shard_rows)
+
+    def run(self, method: str) -> tuple[int, float]:
+        if method == "single":
+            return run_single(self.paths, self.pre, self.batch)
+        if method == "dataloader":
+            return consume(self.loader)
+        return consume(self.ds[method].iter_torch_batches(batch_size=self.batch))
+
+
+METHODS = ("single", "dataloader", "ray_files", "ray_shards")
+BEFORE = ("ray_files_before", "ray_shards_before", "ray_shards_v1_32rows")
+
+
+def bench_set(name: str, paths: list[str], args: argparse.Namespace, work: Path) -> dict:
+    pre = Preprocess(size=args.size, channels=1)
+    m = Methods(paths, pre, args.cpus, args.batch, work / name)
+    methods = METHODS + (BEFORE if args.before else ())
+    runs: dict[str, list[dict]] = {k: [] for k in methods}
+    for r in range(args.rounds + 1):  # round 0: warm-up, not recorded
+        rates = {}
+        for k in methods:
+            t0 = time.perf_counter()
+            n, first = m.run(k)
+            secs = time.perf_counter() - t0
+            assert n == len(paths), (k, n, len(paths))
+            rates[k] = round(n / secs, 1)
+            if r:
+                runs[k].append({"seconds": secs, "images_per_s": n / secs, "first_batch_s": first})
+        log.info("%s %s: %s", name, f"round {r}" if r else "warm-up", rates)
+    med = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in runs.items()}
+    ips = {k: med[k]["images_per_s"] for k in methods}
+    return {"set": name, "images": len(paths), "prepare_shards_s": m.prepare_s, "n_shards": m.n_shards,
+            "median": med, "cpu_limit_images_per_s": ips["single"] * args.cpus,
+            "ratio_ray_files_vs_dataloader": ips["ray_files"] / ips["dataloader"],
+            "ratio_ray_shards_vs_dataloader": ips["ray_shards"] / ips["dataloader"],
+            "ratio_shards_vs_files": ips["ray_shards"] / ips["ray_files"],
+            "runs": {k: [round(x["images_per_s"], 1) for x in v] for k, v in runs.items()}}
+
+
+def ray_overhead(rounds: int) -> dict:
+    """Ray Data's fixed costs on this machine: a trivial 1,000-row map_batches in 8 and in 32 tasks."""
+    import ray
+
+    out = {}
+    for tasks in (1, 8, 32):
+        ds = ray.data.range(1000, override_num_blocks=tasks).map_batches(lambda b: b, batch_size=1000 // tasks)
+        secs = []
+        for r in range(rounds + 1):
+            t0 = time.perf_counter()
+            sum(len(b["id"]) for b in ds.iter_batches(batch_size=32))
+            if r:
+                secs.append(time.perf_counter() - t0)
+        out[f"{tasks}_tasks_ms"] = 1000 * statistics.median(secs)
+    out["per_task_ms"] = (out["32_tasks_ms"] - out["8_tasks_ms"]) / 24
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nih", default=str(REPO.parent / "shared/data/nih14/images"))
+    p.add_argument("--kermany", default=str(REPO.parent / "shared/data/kermany/chest_xray/train"))
+    p.add_argument("--sets", nargs="*", default=["nih", "kermany:1000"],
+                   help="nih (all 200 PNGs) and/or kermany:N (a fixed sample of N train JPEGs)")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--cpus", type=int, default=2, help="DataLoader workers = Ray CPUs")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--before", action="store_true",
+                   help="also time the pipeline as cxrray.data built it before this benchmark (see BEFORE)")
+    p.add_argument("--out", default=None, help="write the JSON result here too")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    # The consumer's normalise runs on one thread, as a training process's input step would
+    # be one op among many; torch's default pool (one thread per core) spins under contention.
+    torch.set_num_threads(1)
+    import ray
+
+    def files(spec: str) -> list[str]:
+        if spec == "nih":
+            return sorted(str(x) for x in Path(args.nih).glob("*.png"))
+        name, _, n = spec.partition(":")
+        if name != "kermany":
+            raise SystemExit(f"unknown set {spec!r}: use nih or kermany:N")
+        return kermany_subset(Path(args.kermany), int(n or 1000))
+
+    work = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    # address="local": always a fresh private cluster, never someone else's `ray start`.
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        results = [bench_set(s.replace(":", "_"), files(s), args, work) for s in args.sets]
+        overhead = ray_overhead(args.rounds)
+        log.info("Ray Data fixed costs: %s", overhead)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    out = {"bench": "data", "cpus": args.cpus, "batch": args.batch, "size": args.size, "rounds": args.rounds,
+           "host_cores": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
+           "torch": torch.__version__, "ray_data_overhead": overhead, "results": results}
+    text = json.dumps(out, default=float)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,542 @@
+"""Online inference on Ray Serve: one deployment (Predictor + Grad-CAM) behind FastAPI.
+
+Thin glue. Decoding and preprocessing are `Predictor`'s (the same code batch scoring runs),
+Grad-CAM and overlays are `cxrray.explain`'s; this module reads uploads, maps image errors
+to HTTP status codes, batches forward passes with `@serve.batch` and serves the web page.
+
+    serve run serve_config.yaml                          # foreground, Ctrl-C stops it
+    ray start --head && serve deploy serve_config.yaml   # onto a running cluster
+    serve run cxrray.serve:build_app artifact=/abs/path/to/artifact
+    python -c "from cxrray.serve import run_server; run_server('runs/x/artifacts/best')"
+
+Nothing heavy happens at import: torch, the model and the artifact load in the replica.
+"""
+# No `from __future__ import annotations`: FastAPI must see the real `Request` class on the
+# ingress methods, which Serve rebinds outside this module's globals.
+import asyncio
+import base64
+import logging
+import math
+import os
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("static")
+MiB = 1024 * 1024
+# Status per imaging.ImageError.reason: the user's file is at fault (4xx), never the server.
+STATUS_BY_REASON = {"too_large": 413, "unsupported": 415}
+SUPPORTED = ("png", "jpeg", "dicom")
+# An oversized body is read and discarded up to this many times the cap before answering 413,
+# so an HTTP client that is still sending sees the 413 instead of a reset connection; beyond
+# it the connection is dropped with the 413.
+DRAIN_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    """The application builder's arguments (the `args:` block of serve_config.yaml)."""
+
+    artifact: str = ""
+    max_upload_bytes: int = 20 * MiB
+    max_pixels: int = 40_000_000  # width*height cap checked from the header before decoding
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    explain_max_batch_size: int = 4
+    max_targets: int = 4  # Grad-CAM classes per /explain request
+    device: str = "auto"
+    num_threads: int = 0  # 0: the CPUs the replica reserved
+    overlay_size: int = 0  # 0: the model's input size; else the PNG's side in pixels
+    deployment: dict[str, Any] = field(default_factory=dict)  # .options(...) overrides
+
+    @classmethod
+    def from_dict(cls, args: "dict[str, Any] | None") -> "ServeArgs":
+        args = dict(args or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(args) - set(known))
+        if unknown:
+            raise ValueError(f"unknown serve args {unknown}; known: {sorted(known)}")
+        if not args.get("artifact"):
+            args["artifact"] = os.environ.get("CXRRAY_ARTIFACT", "")
+        if not args["artifact"]:
+            raise ValueError("serve needs artifact=<artifact dir> (or CXRRAY_ARTIFACT in the environment)")
+        # `serve run app artifact=... max_batch_size=8` passes strings: coerce by field type.
+        for name, value in list(args.items()):
+            kind = known[name].type
+            if isinstance(value, str) and kind in (int, float):
+                args[name] = kind(float(value)) if kind is int else float(value)
+        # A relative artifact path is relative to the directory the builder runs in (your
+        # shell's for `serve run`); resolve it here so replicas, whose working directory Ray
+        # chooses, load the same files.
+        path = Path(args["artifact"]).expanduser()
+        if "://" not in args["artifact"]:
+            args["artifact"] = str(path.resolve())
+        out = cls(**args)
+        if out.max_batch_size < 1 or out.explain_max_batch_size < 1 or out.max_upload_bytes < 1:
+            raise ValueError("batch sizes and max_upload_bytes must be >= 1")
+        return out
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf (e.g. an AUROC undefined for a class without positives) -> None: JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalar
+        return json_safe(obj.item())
+    return obj
+
+
+def error(status: int, message: str, reason: str | None = None) -> JSONResponse:
+    body = {"error": message}
+    if reason:
+        body["reason"] = reason
+    return JSONResponse(body, status_code=status)
+
+
+class UploadError(Exception):
+    def __init__(self, status: int, message: str, reason: str):
+        super().__init__(message)
+        self.status, self.reason = status, reason
+
+
+async def _drain(request: Request, already: int, limit: int) -> None:
+    """Read and discard the rest of an oversized body, up to `limit` bytes in all."""
+    seen = already
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                return
+    except Exception:  # noqa: BLE001 - the client may hang up; the 413 is the answer either way
+        return
+
+
+async def read_upload(request: Request, cap: int) -> tuple[bytes, list[str], str]:
+    """(image bytes, targets from a multipart form, source name) from a raw or multipart body.
+
+    The byte cap is checked twice: on the declared Content-Length before reading anything,
+    and on the bytes actually received (a chunked or lying client).
+    """
+    declared = request.headers.get("content-length")
+    too_big = f"upload over the {cap:,}-byte limit"
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise UploadError(400, f"bad Content-Length {declared!r}", "bad_request") from None
+        if size > cap:
+            if size <= DRAIN_FACTOR * cap:
+                await _drain(request, 0, DRAIN_FACTOR * cap)
+            raise UploadError(413, f"{too_big} (Content-Length {size:,})", "too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            await _drain(request, len(body), DRAIN_FACTOR * cap)
+            raise UploadError(413, f"{too_big} (received more than {cap:,} bytes)", "too_large")
+    data = bytes(body)
+    ctype = request.headers.get("content-type", "").lower()
+    if not ctype.startswith("multipart/form-data"):
+        return data, [], "<upload>"
+    return await _parse_multipart(request, data)
+
+
+async def _parse_multipart(request: Request, data: bytes) -> tuple[bytes, list[str], str]:
+    async def replay() -> dict:  # the body was already consumed: hand it to the form parser
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form()
+    except Exception as e:  # noqa: BLE001 - a malformed form is the client's error
+        raise UploadError(400, f"unreadable multipart form: {e}", "bad_request") from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise UploadError(400, "multipart upload needs the image in a form field named 'file'", "bad_request")
+    targets = [str(t) for t in form.getlist("target")]
+    payload = await upload.read()
+    await form.close()
+    return payload, targets, upload.filename or "<upload>"
+
+
+def parse_targets(values: list[str]) -> list[str]:
+    """`target=A&target=B` and `target=A,B` both name two classes; order kept, duplicates dropped."""
+    out: list[str] = []
+    for v in values:
+        for name in v.split(","):
+            name = name.strip()
+            if name and name not in out:
+                out.append(name)
+    return out
+
+
+class BatchStats:
+    """Batch sizes seen by one replica, per endpoint: proof that batching batches."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sizes: dict[str, Counter] = {"predict": Counter(), "explain": Counter()}
+
+    def record(self, kind: str, size: int) -> None:
+        with self._lock:
+            self._sizes[kind][size] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            out = {}
+            for kind, c in self._sizes.items():
+                n = sum(c.values())
+                reqs = sum(k * v for k, v in c.items())
+                out[kind] = {
+                    "batches": n,
+                    "requests": reqs,
+                    "max_batch": max(c) if c else 0,
+                    "mean_batch": reqs / n if n else 0.0,
+                    "histogram": {str(k): c[k] for k in sorted(c)},
+                }
+            return out
+
+
+api = FastAPI(title="cxrray", description="Chest X-ray classification with Grad-CAM", docs_url="/docs")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # 404/405 etc. in the same {"error": ...} shape as everything else.
+    return error(exc.status_code, str(exc.detail))
+
+
+@serve.deployment(
+    name="CXRServer",
+    max_ongoing_requests=32,
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=10,
+)
+@serve.ingress(api)
+class CXRServer:
+    """One replica: a Predictor, Grad-CAM on its model, two batch queues."""
+
+    def __init__(self, args: dict[str, Any]):
+        from cxrray.predict import Predictor  # torch loads here, in the replica
+
+        self.args = ServeArgs.from_dict(args)
+        self.predictor = Predictor(
+            self.args.artifact,
+            device=self.args.device,
+            num_threads=self.args.num_threads or None,
+            max_pixels=self.args.max_pixels,
+            max_bytes=self.args.max_upload_bytes,
+        )
+        self.meta = self.predictor.meta
+        # One thread runs every model call: Captum hooks the Grad-CAM layer during an
+        # explanation, and a concurrent forward pass on the same module would feed it.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="cxrray-model")
+        self._decode_threads = ThreadPoolExecutor(2, thread_name_prefix="cxrray-decode")
+        self.stats = BatchStats()
+        self._predict_batch.set_max_batch_size(self.args.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._explain_batch.set_max_batch_size(self.args.explain_max_batch_size)
+        self._explain_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._page = (STATIC / "index.html").read_text(encoding="utf-8")
+        self._warm_up()
+        log.info("CXRServer ready: model %s, batch %d / explain %d", self.meta.model_id,
+                 self.args.max_batch_size, self.args.explain_max_batch_size)
+
+    def _warm_up(self) -> None:
+        """One forward pass, one Grad-CAM and one overlay before the first request, so lazy
+        imports (captum, matplotlib) and allocator warm-up do not land on a user's latency."""
+        import numpy as np
+
+        if self.predictor.label_space.num_classes == 0:
+            return
+        blank = np.zeros((1, self.meta.preprocess.size, self.meta.preprocess.size), np.uint8)
+        _, _, maps, _ = self._explain_sync([(blank, [0])])[0]
+        self._overlays(blank, maps)
+
+    # ---- model work (batched) ---------------------------------------------------------------
+
+    async def _on_model_thread(self, fn, *a):
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *a)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _predict_batch(self, images: list) -> list:
+        import numpy as np
+
+        self.stats.record("predict", len(images))
+        probs = await self._on_model_thread(self.predictor.predict_images, np.stack(images))
+        return list(probs)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def _explain_batch(self, items: list) -> list:
+        self.stats.record("explain", len(items))
+        return await self._on_model_thread(self._explain_sync, items)
+
+    def _explain_sync(self, items: list[tuple[Any, list[int] | None]]) -> list[tuple[Any, list, Any, Any]]:
+        """[(image [1,S,S], class indices or None for the top class)] -> per item
+        (probabilities [K], class indices, maps [T,S,S], low-res maps [T,h,w])."""
+        import numpy as np
+
+        from cxrray.explain import gradcam, logit_index
+
+        images = np.stack([im for im, _ in items])
+        probs = self.predictor.predict_images(images)
+        chosen = [ks if ks else [int(np.argmax(p))] for (_, ks), p in zip(items, probs)]
+        rows = [i for i, ks in enumerate(chosen) for _ in ks]
+        logits = [logit_index(self.predictor.label_space, k) for ks in chosen for k in ks]
+        maps, low = gradcam(self.predictor.model, images[rows], self.meta.gradcam_layer, logits)
+        out, start = [], 0
+        for p, ks in zip(probs, chosen):
+            out.append((p, ks, maps[start : start + len(ks)], low[start : start + len(ks)]))
+            start += len(ks)
+        return out
+
+    # ---- request plumbing ---------------------------------------------------------------
+
+    async def _image(self, request: Request) -> tuple[Any, list[str]]:
+        """Upload -> (uint8 [1,S,S], targets from the form); raises UploadError (a 4xx)."""
+        from cxrray.imaging import ImageError, sniff_format
+
+        data, targets, source = await read_upload(request, self.args.max_upload_bytes)
+        try:
+            loop = asyncio.get_running_loop()
+            image = await loop.run_in_executor(self._decode_threads, self.predictor.prepare_bytes, data, source)
+        except ImageError as e:
+            fmt = sniff_format(data)
+            if fmt is not None and fmt not in SUPPORTED:  # a known format we do not read
+                raise UploadError(415, f"{e.detail}; send PNG, JPEG or DICOM", "unsupported") from None
+            raise UploadError(STATUS_BY_REASON.get(e.reason, 400), e.detail, e.reason) from None
+        except Exception as e:  # noqa: BLE001 - a decoder bug on a user's file is still a 400
+            log.warning("decode failed on %s: %s: %s", source, type(e).__name__, e)
+            raise UploadError(400, f"could not decode the image ({type(e).__name__})", "corrupt") from None
+        return image, targets
+
+    def _result(self, probs, started: float) -> dict[str, Any]:
+        import numpy as np
+
+        res = self.predictor.describe(np.asarray(probs)[None])[0]
+        res["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 2)
+        return res
+
+    # ---- routes -------------------------------------------------------------------------
+
+    @api.post("/predict")
+    async def predict(self, request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            image, _ = await self._image(request)
+        except UploadError as e:
+            return error(e.status, str(e), e.reason)
+        probs = await self._predict_batch(image)
+        return JSONResponse(self._result(probs, started))
+
+    @api.post("/explain")
+    async def explain(self, request: Request) -> Response:
+        from cxrray.explain import resolve_targets
+
+        started = time.perf_counter()
+        try:
+            image, form_targets = await self._image(request)
+            names = parse_targets(request.query_params.getlist("target") + form_targets)
+            if len(names) > self.args.max_targets:
+                raise UploadError(400, f"at most {self.args.max_targets} targets per request", "bad_request")
+            try:
+                indices = resolve_targets(self.predictor.label_space, names) if names else None
+            except KeyError as e:
+                raise UploadError(400, str(e.args[0]), "unknown_class") from None
+        except UploadError as e:
+            return error(e.status, str(e), e.reason)
+        probs, chosen, maps, low = await self._explain_batch((image, indices))
+        loop = asyncio.get_running_loop()
+        pngs = await loop.run_in_executor(self._decode_threads, self._overlays, image, maps)
+        res = self._result(probs, started)
+        names = self.predictor.label_space.names
+        res["explanations"] = {
+            names[k]: {
+                "overlay_png_base64": png,
+                "map": low[i].tolist(),
+                "map_shape": list(low[i].shape),
+            }
+            for i, (k, png) in enumerate(zip(chosen, pngs))
+        }
+        res["input_png_base64"] = self._input_png(image)
+        res["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 2)
+        return JSONResponse(res)
+
+    def _overlays(self, image, maps) -> list[str]:
+        from cxrray.explain import overlay_png
+
+        size = self.args.overlay_size or None
+        return [base64.b64encode(overlay_png(image[0], m, size=size)).decode("ascii") for m in maps]
+
+    def _input_png(self, image) -> str:
+        """The model's input image (what Grad-CAM explains), for pages that cannot show DICOM."""
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(image[0]).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+
+    @api.get("/model")
+    async def model(self) -> Response:
+        meta = self.meta
+        summary = {k: v for k, v in (meta.summary or {}).items() if k != "history"}
+        space = meta.label_space
+        return JSONResponse(json_safe({
+            "model_id": meta.model_id,
+            "architecture": meta.architecture,
+            "task": space.task,
+            "uncertain_classes": space.uncertain_classes,
+            "classes": list(space.names),
+            "thresholds": dict(zip(space.names, meta.thresholds)),
+            "input": {"size": meta.preprocess.size, "channels": meta.preprocess.channels},
+            "gradcam_layer": meta.gradcam_layer,
+            "created": meta.created,
+            "code_version": meta.code_version,
+            "summary": summary,
+            "limits": {"max_upload_bytes": self.args.max_upload_bytes, "max_pixels": self.args.max_pixels,
+                       "max_targets": self.args.max_targets, "formats": list(SUPPORTED)},
+            "batching": {"max_batch_size": self.args.max_batch_size,
+                         "explain_max_batch_size": self.args.explain_max_batch_size,
+                         "batch_wait_timeout_s": self.args.batch_wait_timeout_s},
+            "stats": self._stats(),
+        }))
+
+    def _stats(self) -> dict[str, Any]:
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a replica (unit use)
+            replica = None
+        return {"replica": replica, **self.stats.snapshot()}
+
+    @api.get("/stats")
+    async def stats_route(self) -> Response:
+        return JSONResponse(self._stats())
+
+    @api.get("/healthz")
+    async def healthz(self) -> Response:
+        return JSONResponse({"status": "ok", "model_id": self.meta.model_id})
+
+    @api.get("/", response_class=HTMLResponse)
+    async def index(self) -> Response:
+        return HTMLResponse(self._page, headers={"Cache-Control": "no-cache"})
+
+    @api.get("/favicon.ico")
+    async def favicon(self) -> Response:
+        return Response(status_code=204)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder named in serve_config.yaml (`import_path: cxrray.serve:build_app`).
+
+    Validates the arguments and that the artifact is readable before any replica starts, so a
+    wrong path fails the deploy with a clear message instead of a replica crash loop.
+    """
+    from cxrray.artifact import read_meta
+
+    parsed = ServeArgs.from_dict(args)
+    if "://" not in parsed.artifact:
+        read_meta(parsed.artifact)
+    # serve.batch caps a batch at max_ongoing_requests: keep room for a full batch of each kind.
+    options = {"max_ongoing_requests": max(32, 2 * parsed.max_batch_size)}
+    options.update(parsed.deployment)
+    plain = {k: v for k, v in asdict(parsed).items() if k != "deployment"}
+    return CXRServer.options(**options).bind(plain)
+
+
+# ---- programmatic entry points (the CLI's `cxrray serve`) --------------------------------
+
+_started_ray = False
+
+
+def http_url(host: str | None = None) -> str:
+    """The URL Serve's HTTP proxy listens on (the running instance's, not what was asked)."""
+    from ray.serve.context import _get_global_client
+
+    cfg = _get_global_client().http_config
+    h = host or cfg.host
+    return f"http://{'127.0.0.1' if h in ('0.0.0.0', '::') else h}:{cfg.port}"
+
+
+def run_server(
+    artifact: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    blocking: bool = True,
+    name: str = "cxrray",
+    route_prefix: str = "/",
+    num_replicas: int | None = None,
+    **limits: Any,
+) -> str:
+    """Deploy the app on Ray Serve and return its URL; with blocking=True, serve until Ctrl-C.
+
+    limits: any ServeArgs field (max_upload_bytes, max_pixels, max_batch_size, ...).
+    num_replicas: a fixed replica count instead of the default autoscaling (1..2).
+    Starts a local Ray when none is running (or joins RAY_ADDRESS / a `ray start` cluster).
+    """
+    global _started_ray
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+        _started_ray = True
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": 60})
+    args = {"artifact": artifact, **limits}
+    deployment = dict(args.pop("deployment", {}) or {})
+    if num_replicas is not None:
+        deployment.update(num_replicas=num_replicas, autoscaling_config=None)
+    else:
+        deployment.setdefault("autoscaling_config", DEFAULT_AUTOSCALING)
+    args["deployment"] = deployment
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    url = http_url() + ("" if route_prefix == "/" else route_prefix)
+    log.info("cxrray serving %s at %s", artifact, url)
+    if blocking:
+        print(f"cxrray: serving {artifact} at {url} (Ctrl-C to stop)", flush=True)  # noqa: T201 - CLI
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            shutdown()
+    return url
+
+
+DEFAULT_AUTOSCALING = {
+    "min_replicas": 1,
+    "initial_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 8,
+    "upscale_delay_s": 3,
+    "downscale_delay_s": 30,
+}
+
+
+def shutdown() -> None:
+    """Stop Serve (all apps, proxy, controller), and Ray if run_server started it."""
+    global _started_ray
+    import ray
+
+    try:
+        serve.shutdown()
+    finally:
+        if _started_ray and ray.is_initialized():
+            ray.shutdown()
+        _started_ray = False

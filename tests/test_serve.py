@@ -1,0 +1,289 @@
+"""cxrray.serve over real HTTP: the API contract, hostile uploads, batching, and Grad-CAM served
+equal to Grad-CAM computed directly. One Serve app for the module on a free loopback port."""
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from cxrray.labels import SYNTHETIC_FINDINGS, LabelSpace
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+MAX_UPLOAD = 1 << 20  # small caps keep the oversized-body tests cheap
+MAX_PIXELS = 4_000_000
+TIMEOUT = 30
+
+
+# ------------------------------------------------------------------------------ builders
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def xray_like(seed: int = 0, size: int = 96) -> np.ndarray:
+    """A grey chest-ish picture: two dark lungs in a bright body, plus noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = 0.75 - 0.5 * (((x - 0.3) / 0.15) ** 2 + ((y - 0.45) / 0.3) ** 2 < 1)
+    img = img - 0.5 * (((x - 0.7) / 0.15) ** 2 + ((y - 0.45) / 0.3) ** 2 < 1)
+    img = np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1)
+    return (img * 255).astype(np.uint8)
+
+
+def png_bytes(seed: int = 0, size: int = 96) -> bytes:
+    return encode(Image.fromarray(xray_like(seed, size)))
+
+
+def png_chunk(ctype: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + ctype + payload + struct.pack(">I", zlib.crc32(ctype + payload))
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A structurally valid PNG (correct CRCs) whose IHDR declares width x height."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + png_chunk(b"IEND", b""))
+
+
+def dicom_bytes(arr: np.ndarray) -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def make_artifact(out: Path) -> Path:
+    """An untrained small_cnn at 64 px over the synthetic findings: enough for the HTTP layer."""
+    import torch
+
+    from cxrray.artifact import ModelMeta, save_artifact
+    from cxrray.models import build_model, gradcam_layer_path
+    from cxrray.transforms import Preprocess
+
+    torch.manual_seed(0)
+    space = LabelSpace(SYNTHETIC_FINDINGS)
+    pre = Preprocess(size=64, channels=1, mean=(0.5,), std=(0.25,))
+    model = build_model("small_cnn", space.num_outputs, pre)
+    thresholds = [0.5, 0.45, 0.55, 0.5, 0.4, 0.6]
+    meta = ModelMeta("small_cnn", space, pre, thresholds, gradcam_layer_path("small_cnn"),
+                     summary={"val_mean_auroc": float("nan"), "history": [{"epoch": 1}], "epochs": 1})
+    return save_artifact(out, model, meta)
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("serve") / "artifact")
+
+
+@pytest.fixture(scope="module")
+def url(ray_session, artifact) -> str:
+    from cxrray.serve import run_server, shutdown
+
+    base = run_server(str(artifact), port=free_port(), blocking=False, name="test_serve", num_replicas=1,
+                      max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS, max_batch_size=8,
+                      batch_wait_timeout_s=0.05, num_threads=1)
+    yield base
+    shutdown()
+
+
+@pytest.fixture(scope="module")
+def predictor(artifact):
+    from cxrray.predict import Predictor
+
+    return Predictor(artifact, device="cpu", num_threads=1)
+
+
+def post(url: str, path: str, data=None, **kw) -> requests.Response:
+    return requests.post(url + path, data=data, timeout=TIMEOUT, **kw)
+
+
+# ------------------------------------------------------------------------------ the contract
+
+
+def test_healthz_and_model(url, artifact) -> None:
+    from cxrray.artifact import read_meta
+
+    meta = read_meta(artifact)
+    r = requests.get(url + "/healthz", timeout=TIMEOUT)
+    assert r.status_code == 200 and r.json() == {"status": "ok", "model_id": meta.model_id}
+    m = requests.get(url + "/model", timeout=TIMEOUT).json()
+    assert m["model_id"] == meta.model_id and m["architecture"] == "small_cnn"
+    assert m["classes"] == list(SYNTHETIC_FINDINGS)
+    assert m["thresholds"] == dict(zip(SYNTHETIC_FINDINGS, meta.thresholds))
+    assert m["input"] == {"size": 64, "channels": 1}
+    assert m["summary"] == {"val_mean_auroc": None, "epochs": 1}  # NaN -> null, history dropped
+    assert m["limits"]["max_upload_bytes"] == MAX_UPLOAD
+    assert {"predict", "explain", "replica"} <= set(m["stats"])
+
+
+@pytest.mark.parametrize("how", ["raw", "multipart"])
+def test_predict_matches_the_predictor(url, predictor, how) -> None:
+    data = png_bytes(1)
+    r = post(url, "/predict", data) if how == "raw" else post(url, "/predict", files={"file": ("a.png", data)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = predictor.describe(predictor.predict_images(predictor.prepare_bytes(data)[None]))[0]
+    assert body["model_id"] == expected["model_id"] and body["positive"] == expected["positive"]
+    for name, c in expected["classes"].items():
+        got = body["classes"][name]
+        assert got["threshold"] == pytest.approx(c["threshold"]) and got["positive"] == c["positive"]
+        assert got["probability"] == pytest.approx(c["probability"], abs=1e-5)
+    assert body["latency_ms"] > 0
+
+
+def test_predict_accepts_jpeg_and_dicom(url) -> None:
+    img = xray_like(2)
+    for data in (encode(Image.fromarray(img), "JPEG", quality=90), dicom_bytes(img.astype(np.uint16) * 16)):
+        r = post(url, "/predict", data, headers={"Content-Type": "application/octet-stream"})
+        assert r.status_code == 200, r.text
+        assert set(r.json()["classes"]) == set(SYNTHETIC_FINDINGS)
+
+
+def test_explain_served_equals_direct_gradcam(url, predictor) -> None:
+    from cxrray.explain import gradcam, logit_index, overlay_rgb
+
+    data = png_bytes(3)
+    r = post(url, "/explain", files={"file": ("a.png", data)}, params={"target": "Cardiomegaly,Pleural Effusion"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert list(body["explanations"]) == ["Cardiomegaly", "Pleural Effusion"]
+    image = predictor.prepare_bytes(data)
+    space = predictor.label_space
+    for name, exp in body["explanations"].items():
+        k = space.names.index(name)
+        maps, low = gradcam(predictor.model, image[None], predictor.meta.gradcam_layer, [logit_index(space, k)])
+        assert exp["map_shape"] == list(low[0].shape)
+        np.testing.assert_allclose(np.asarray(exp["map"]), low[0], atol=1e-4)
+        overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(exp["overlay_png_base64"]))))
+        assert overlay.shape == (64, 64, 3)
+        assert np.abs(overlay.astype(int) - overlay_rgb(image[0], maps[0]).astype(int)).max() <= 2
+    probs = predictor.predict_images(image[None])[0]
+    for k, name in enumerate(space.names):
+        assert body["classes"][name]["probability"] == pytest.approx(float(probs[k]), abs=1e-5)
+
+
+def test_explain_defaults_to_top_class_and_takes_repeated_targets(url, predictor) -> None:
+    data = png_bytes(4)
+    probs = predictor.predict_images(predictor.prepare_bytes(data)[None])[0]
+    top = SYNTHETIC_FINDINGS[int(np.argmax(probs))]
+    assert list(post(url, "/explain", data).json()["explanations"]) == [top]
+    r = post(url, "/explain", files={"file": ("a.png", data)},
+             data={"target": ["Pneumothorax", "Lung Lesion", "Pneumothorax"]})
+    assert list(r.json()["explanations"]) == ["Pneumothorax", "Lung Lesion"]
+    bad = post(url, "/explain", data, params={"target": "Broken Heart"})
+    assert bad.status_code == 400 and "Cardiomegaly" in bad.json()["error"]
+
+
+# ------------------------------------------------------------------------------ hostile input
+
+
+def truncated(data: bytes, keep: float) -> bytes:
+    return data[: int(len(data) * keep)]
+
+
+HOSTILE = {
+    "zero_bytes": (lambda: b"", 400),
+    "random_bytes": (lambda: np.random.default_rng(0).bytes(4096), 400),
+    "truncated_png": (lambda: truncated(png_bytes(5), 0.5), 400),
+    "truncated_jpeg": (lambda: truncated(encode(Image.fromarray(xray_like(5)), "JPEG"), 0.5), 400),
+    "png_signature_only": (lambda: b"\x89PNG", 400),
+    "text": (lambda: b"patient: John Doe\nfindings: none\n", 400),
+    "gif": (lambda: encode(Image.fromarray(xray_like(6)), "GIF"), 415),
+    "pdf": (lambda: b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n", 415),
+    "huge_declared_png": (lambda: png_declaring(100_000, 100_000), 413),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+@pytest.mark.parametrize("path", ["/predict", "/explain"])
+def test_hostile_uploads_get_the_right_4xx_fast(url, case, path) -> None:
+    make, status = HOSTILE[case]
+    t0 = time.perf_counter()
+    r = post(url, path, make(), headers={"Content-Type": "image/png"})  # the header is ignored: content decides
+    assert r.status_code == status, (case, r.text)
+    assert set(r.json()) >= {"error"} and r.json()["error"]
+    assert time.perf_counter() - t0 < 10
+
+
+def test_oversized_bodies_are_413(url) -> None:
+    big = b"\x89PNG\r\n\x1a\n" + b"\0" * (MAX_UPLOAD + 1)
+    r = post(url, "/predict", big)  # Content-Length over the cap: refused before reading
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+    def chunks():  # no Content-Length: the received size is what trips the cap
+        for _ in range(24):
+            yield b"\0" * 65536
+
+    r = post(url, "/predict", chunks())
+    assert r.status_code == 413
+    r = post(url, "/explain", files={"file": ("big.png", big)})
+    assert r.status_code == 413
+
+
+def test_multipart_without_file_field_and_unknown_routes(url) -> None:
+    r = post(url, "/predict", files={"image": ("a.png", png_bytes(7))})
+    assert r.status_code == 400 and "'file'" in r.json()["error"]
+    r = requests.get(url + "/nope", timeout=TIMEOUT)
+    assert r.status_code == 404 and "error" in r.json()
+    r = requests.get(url + "/predict", timeout=TIMEOUT)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_server_still_answers_after_hostile_input(url) -> None:
+    for make, _ in HOSTILE.values():
+        post(url, "/predict", make())
+    r = post(url, "/predict", png_bytes(8))
+    assert r.status_code == 200 and set(r.json()["classes"]) == set(SYNTHETIC_FINDINGS)
+    assert requests.get(url + "/healthz", timeout=TIMEOUT).status_code == 200
+
+
+# ------------------------------------------------------------------------------ batching
+
+
+def test_concurrent_requests_are_batched(url) -> None:
+    before = requests.get(url + "/stats", timeout=TIMEOUT).json()["predict"]
+    data = png_bytes(9)
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda _: post(url, "/predict", data).status_code, range(48)))
+    assert codes == [200] * 48
+    after = requests.get(url + "/stats", timeout=TIMEOUT).json()["predict"]
+    assert after["requests"] - before["requests"] == 48
+    assert after["max_batch"] > 1, after
+    assert after["batches"] - before["batches"] < 48  # some requests shared a forward pass
