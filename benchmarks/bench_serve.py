@@ -216,8 +216,8 @@ def autoscaling(url: str, artifact: Path, images: list[bytes], a) -> dict:
 
     def sample() -> None:
         while not stop.is_set():
-            states = replica_states()
-            timeline.append((time.perf_counter() - t0, states.get("RUNNING", 0), "load" if load_on.is_set() else "idle"))
+            phase = "load" if load_on.is_set() else "idle"
+            timeline.append((time.perf_counter() - t0, running(), phase))
             time.sleep(1.0)
 
     load_on = threading.Event()
@@ -285,7 +285,15 @@ def fault(url: str, artifact: Path, images: list[bytes], a) -> dict:
 
 def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), {mem:.0f} GiB, no GPU"
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0) + " (unused: replicas run on CPU here)"
+    except Exception:  # noqa: BLE001
+        pass
+    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), {mem:.0f} GiB, {gpu}"
 
 
 def write_report(out: Path, a, rows: list[dict], scale: dict, flt: dict, seconds: float) -> None:
@@ -299,10 +307,12 @@ def write_report(out: Path, a, rows: list[dict], scale: dict, flt: dict, seconds
         "# Serving benchmark (Ray Serve, loopback HTTP)",
         "",
         f"- command: `{cmd}`",
-        f"- machine: {machine()}; shared with other jobs, so numbers are noisy (medians of {a.repeats} runs per cell)",
+        f"- machine: {machine()}; shared with other jobs, so numbers are noisy (medians of {a.repeats} runs per cell);"
+        f" 1-min load average {a.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {commit}; Ray {__import__('ray').__version__},"
         f" torch {__import__('torch').__version__}",
-        f"- model: {a.model_desc}; uploads: 512x512 8-bit PNG (~{a.upload_kib:.0f} KiB), decoded and resized per request",
+        f"- model: {a.model_desc}; uploads: 512x512 8-bit PNG (~{a.upload_kib:.0f} KiB),"
+        " decoded and resized per request",
         f"- one replica (1 CPU, 1 torch thread) unless stated; closed-loop clients; each cell at most"
         f" {a.max_requests} requests or {a.cell_seconds:.0f} s; total run {seconds / 60:.1f} min",
         "",
@@ -366,7 +376,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--cell-seconds", type=float, default=4.0)
+    p.add_argument("--cell-seconds", type=float, default=3.0)
     p.add_argument("--max-requests", type=int, default=200)
     p.add_argument("--scale-concurrency", type=int, default=16)
     p.add_argument("--scale-load-seconds", type=float, default=25.0)
@@ -388,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     t_start = time.perf_counter()
+    a.load_start = os.getloadavg()[0]
     tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
     artifact = Path(a.artifact) if a.artifact else make_artifact(Path(tmp.name) / "artifact", a.size)
     from cxrray.artifact import read_meta

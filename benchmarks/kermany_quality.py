@@ -143,38 +143,9 @@ def argmax_summary(artifact: Path, manifest: Path, split: str) -> dict:
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classes", type=int, choices=(2, 3), default=2)
-    p.add_argument("--config", default=None, help="default: jobs/configs/kermany{classes}.yaml")
-    p.add_argument("--root", default="../shared/data/kermany")
-    p.add_argument("--work", required=True, help="outputs (manifest, shards, runs, evaluations)")
-    p.add_argument("--shards-size", type=int, default=0, help="prepare shards at this size and train from them")
-    p.add_argument("--ray-port", type=int, default=6391)
-    p.add_argument("--ray-cpus", type=int, default=4, help="> train workers' CPUs, so Ray Data can decode")
-    p.add_argument("--run-name", default=None)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    work = Path(args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    config = args.config or f"jobs/configs/kermany{args.classes}.yaml"
-    run_name = args.run_name or f"kermany{args.classes}-{time.strftime('%H%M%S')}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    logf = work / f"{run_name}.log"
-    summary: dict = {"config": config, "overrides": args.overrides, "run_name": run_name, "commands": []}
-
-    manifest = work / "manifest.parquet"
-    if not manifest.exists():
-        cmd = CLI + ["manifest", "--source", "kermany", "--root", args.root, "--classes", str(args.classes),
-                     "--split", "0.9,0.1,0.0", "--out", str(manifest), "--json"]
-        summary["commands"].append(shlex.join(cmd))
-        summary["manifest"] = sh(cmd, logf, env)
-    official = work / "manifest_official_test.parquet"
-    summary["split_check"] = official_test_manifest(manifest, official)
-    log.info("split check: %s", summary["split_check"])
-
+def train_run(args: argparse.Namespace, work: Path, manifest: Path, config: str, run_name: str, env: dict,
+              logf: Path, summary: dict) -> None:
+    """Optional shards, then `cxrray train`, on a private Ray head stopped afterwards."""
     head = RayHead(args.ray_port, args.ray_cpus, f"/tmp/ray_kq_{args.ray_port}", env)
     try:
         time.sleep(5)
@@ -198,10 +169,52 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         head.stop()
 
-    best = work / "runs" / run_name / "artifacts" / "best"
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", type=int, choices=(2, 3), default=2)
+    p.add_argument("--config", default=None, help="default: jobs/configs/kermany{classes}.yaml")
+    p.add_argument("--root", default="../shared/data/kermany")
+    p.add_argument("--work", required=True, help="outputs (manifest, shards, runs, evaluations)")
+    p.add_argument("--shards-size", type=int, default=0, help="prepare shards at this size and train from them")
+    p.add_argument("--ray-port", type=int, default=6391)
+    p.add_argument("--ray-cpus", type=int, default=4, help="> train workers' CPUs, so Ray Data can decode")
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--artifact", choices=("best", "last"), default="best",
+                   help="best: the epoch with the highest validation AUROC (default); last: the final epoch")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the existing run --run-name (no training)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    config = args.config or f"jobs/configs/kermany{args.classes}.yaml"
+    run_name = args.run_name or f"kermany{args.classes}-{time.strftime('%H%M%S')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    logf = work / f"{run_name}.log"
+    summary: dict = {"config": config, "overrides": args.overrides, "run_name": run_name, "commands": []}
+
+    manifest = work / "manifest.parquet"
+    if not manifest.exists():
+        cmd = CLI + ["manifest", "--source", "kermany", "--root", args.root, "--classes", str(args.classes),
+                     "--split", "0.9,0.1,0.0", "--out", str(manifest), "--json"]
+        summary["commands"].append(shlex.join(cmd))
+        summary["manifest"] = sh(cmd, logf, env)
+    official = work / "manifest_official_test.parquet"
+    summary["split_check"] = official_test_manifest(manifest, official)
+    log.info("split check: %s", summary["split_check"])
+
+    if args.eval_only:
+        log.info("--eval-only: evaluating %s", work / "runs" / run_name)
+    else:
+        train_run(args, work, manifest, config, run_name, env, logf, summary)
+
+    best = work / "runs" / run_name / "artifacts" / args.artifact
+    summary["artifact"] = str(best)
     summary["evaluate"] = {}
     for name, mf in (("official_test", official), ("manifest_test", manifest)):
-        out = work / "eval" / run_name / name
+        out = work / "eval" / run_name / f"{args.artifact}_{name}"
         cmd = CLI + ["evaluate", "--artifact", str(best), "--manifest", str(mf), "--split", "test", "--out",
                      str(out), "--json"]
         summary["commands"].append(shlex.join(cmd))
@@ -211,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((best / "model.json").read_text())
     summary["best_epoch"] = meta["summary"]["best_epoch"]
     summary["history"] = meta["summary"]["history"]
-    (work / f"{run_name}.json").write_text(json.dumps(summary, indent=2, default=float))
+    (work / f"{run_name}_{args.artifact}.json").write_text(json.dumps(summary, indent=2, default=float))
     o = summary["evaluate"]["official_test"]
     log.info("official test: accuracy %.4f (argmax), AUROC %s, per class %s", o["argmax"]["accuracy"],
              o["argmax"]["auroc"], {k: (round(v["sensitivity"], 3), round(v["specificity"], 3))

@@ -92,21 +92,30 @@ def _rows_per_task(n_rows: int, batch_size: int) -> int:
 
 
 def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Augment | None,
-                  batch_size: int = 32) -> ray.data.Dataset:
+                  batch_size: int = 32, *, shuffle: bool = False, seed: int | None = None) -> ray.data.Dataset:
     """Raw image files -> batch dicts. One block per decode task, sized by `_rows_per_task`, so
-    decoding spreads over all CPUs. `batch_size` is the smallest task; training re-batches."""
+    decoding spreads over all CPUs. `batch_size` is the smallest task; training re-batches.
+
+    shuffle (training): the rows are permuted once and the blocks re-ordered every epoch; the
+    train loop's local shuffle buffer then mixes neighbouring blocks. Without it a manifest in
+    folder order (Kermany's: every NORMAL, then every PNEUMONIA) trains on one class at a time.
+    """
     cols = ["image_id", "path", *space.columns]
     frame = df[cols].reset_index(drop=True)
+    if shuffle:
+        frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     rows = _rows_per_task(len(frame), batch_size)
     n_blocks = max(1, math.ceil(len(frame) / rows))
     bounds = np.linspace(0, len(frame), n_blocks + 1).astype(int)
     parts = [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     ds = ray.data.from_pandas(parts)
+    if shuffle:
+        ds = ds.randomize_block_order()  # blocks of paths: cheap; a new order each execution (epoch)
     return ds.map_batches(decode_files, batch_size=rows, batch_format="numpy",
                           fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns)})
 
 
-def _read_shards(split_dir: Path) -> ray.data.Dataset:
+def _read_shards(split_dir: Path, shuffle: str | None = None) -> ray.data.Dataset:
     """read_parquet through Ray Data's V1 Parquet datasource.
 
     Since Ray 2.60 the default (V2) reader lists files on every execution, i.e. every epoch,
@@ -117,24 +126,26 @@ def _read_shards(split_dir: Path) -> ray.data.Dataset:
     """
     ctx = ray.data.DataContext.get_current()
     if not hasattr(ctx, "use_datasource_v2"):  # older Ray: V1 is the only reader
-        return ray.data.read_parquet(str(split_dir))
+        return ray.data.read_parquet(str(split_dir), shuffle=shuffle)
     previous = ctx.use_datasource_v2
     ctx.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(str(split_dir))
+        return ray.data.read_parquet(str(split_dir), shuffle=shuffle)
     finally:
         ctx.use_datasource_v2 = previous
 
 
 def shards_dataset(shards_dir: str | Path, split: str, space: LabelSpace, pre: Preprocess,
-                   aug: Augment | None, batch_size: int = 32) -> ray.data.Dataset:
+                   aug: Augment | None, batch_size: int = 32, *, shuffle: bool = False) -> ray.data.Dataset:
+    """Parquet shards -> batch dicts. shuffle (training): shard files in a new order every epoch;
+    rows were shuffled when the shards were written, and the train loop's local buffer mixes."""
     split_dir = Path(shards_dir) / split
     if not split_dir.is_dir():
         raise FileNotFoundError(f"{split_dir}: no shards for split {split!r}; run `cxrray prepare` first")
     info = read_shard_info(shards_dir)
     if info["size"] < pre.size:
         raise ValueError(f"shards in {shards_dir} are {info['size']} px, smaller than the model's {pre.size} px")
-    ds = _read_shards(split_dir)
+    ds = _read_shards(split_dir, shuffle="files" if shuffle else None)
     rows = _rows_per_task(int(info["images"].get(split, 0)), batch_size)
     return ds.map_batches(decode_shard_rows, batch_size=rows, batch_format="numpy",
                           fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns)})
@@ -175,14 +186,19 @@ def _write_shard(rows: pd.DataFrame, space_cols: list[str], size: int, out_file:
 
 
 def prepare_shards(df: pd.DataFrame, space: LabelSpace, out_dir: str | Path, *, size: int,
-                   rows_per_shard: int = SHARD_ROWS, progress: bool = True) -> ShardInfo:
-    """One Ray task per shard; existing shards are kept, so a re-run finishes what is missing."""
+                   rows_per_shard: int = SHARD_ROWS, progress: bool = True, seed: int = 0) -> ShardInfo:
+    """One Ray task per shard; existing shards are kept, so a re-run finishes what is missing.
+
+    Rows are shuffled (seeded, so a re-run cuts the same shards) before they are cut into
+    shards: a manifest in folder order would otherwise give single-class shards, which no
+    file-level shuffle at training time can mix.
+    """
     out_dir = Path(out_dir)
     write = ray.remote(num_cpus=1)(_write_shard)
     futures, meta = [], []
     for split, part in df.groupby(df["split"].fillna("unsplit")):
         (out_dir / split).mkdir(parents=True, exist_ok=True)
-        part = part.reset_index(drop=True)
+        part = part.sample(frac=1.0, random_state=seed).reset_index(drop=True)
         for k, start in enumerate(range(0, len(part), rows_per_shard)):
             out_file = out_dir / split / f"shard-{k:05d}.parquet"
             rows = part.iloc[start:start + rows_per_shard]

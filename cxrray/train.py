@@ -298,10 +298,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.data_format == "shards":
         if not cfg.shards_dir:
             raise ValueError("data_format=shards needs shards_dir (written by `cxrray prepare`)")
-        train_ds = shards_dataset(cfg.shards_dir, "train", space, pre, aug, cfg.batch_size)
+        train_ds = shards_dataset(cfg.shards_dir, "train", space, pre, aug, cfg.batch_size, shuffle=True)
         valid_ds = shards_dataset(cfg.shards_dir, "valid", space, pre, None, 128)
     else:
-        train_ds = files_dataset(train_df, space, pre, aug, cfg.batch_size)
+        # shuffle: manifests come in folder/patient order (Kermany's is sorted by class).
+        train_ds = files_dataset(train_df, space, pre, aug, cfg.batch_size, shuffle=True, seed=cfg.seed)
         valid_ds = files_dataset(valid_df, space, pre, None, 128)
     weights = ClassWeights.from_labels(train_df[list(space.columns)].to_numpy(np.float32))
     run_dir = cfg.run_dir

@@ -104,6 +104,63 @@ def make_artifact(out: Path) -> Path:
     return save_artifact(out, model, meta)
 
 
+# ------------------------------------------------------------------------------ config, no Serve
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_import_is_light() -> None:
+    """`serve run`/`serve deploy` import the builder's module in Serve's processes: no torch there."""
+    import subprocess
+    import sys
+
+    code = "import sys, cxrray.serve; print(sorted(m for m in ('torch', 'captum', 'matplotlib') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_serve_config_yaml_is_valid_and_builds(artifact) -> None:
+    import yaml
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    from cxrray.serve import build_app
+
+    cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    validate = getattr(ServeDeploySchema, "model_validate", None) or ServeDeploySchema.parse_obj  # pydantic 2 / 1
+    validate(cfg)  # Serve's own schema: what `serve run` and `serve deploy` check
+    assert cfg["http_options"]["host"] == "127.0.0.1"
+    app = cfg["applications"][0]
+    assert app["import_path"] == "cxrray.serve:build_app"
+    dep = app["deployments"][0]
+    scaling = dep["autoscaling_config"]
+    assert scaling["min_replicas"] >= 1 and scaling["max_replicas"] >= 2
+    assert scaling["target_ongoing_requests"] < dep["max_ongoing_requests"]
+    assert dep["max_ongoing_requests"] > app["args"]["max_batch_size"]  # else a batch can never fill
+    assert isinstance(build_app({**app["args"], "artifact": str(artifact)}), serve.Application)
+
+
+def test_serve_args_validation(artifact, tmp_path, monkeypatch) -> None:
+    from cxrray.artifact import ArtifactError
+    from cxrray.serve import ServeArgs, build_app
+
+    args = ServeArgs.from_dict({"artifact": str(artifact), "max_batch_size": "8", "batch_wait_timeout_s": "0.02"})
+    assert args.max_batch_size == 8 and args.batch_wait_timeout_s == 0.02  # `serve run ... k=v` passes strings
+    monkeypatch.chdir(artifact.parent)
+    assert ServeArgs.from_dict({"artifact": artifact.name}).artifact == str(artifact)  # relative -> absolute
+    with pytest.raises(ValueError, match="unknown serve args"):
+        ServeArgs.from_dict({"artifact": str(artifact), "max_batch": 3})
+    monkeypatch.delenv("CXRRAY_ARTIFACT", raising=False)
+    with pytest.raises(ValueError, match="artifact="):
+        ServeArgs.from_dict({})
+    monkeypatch.setenv("CXRRAY_ARTIFACT", str(artifact))
+    assert ServeArgs.from_dict({}).artifact == str(artifact)
+    with pytest.raises(ArtifactError, match="not a cxrray artifact"):
+        build_app({"artifact": str(tmp_path)})
+
+
 # ------------------------------------------------------------------------------ fixtures
 
 

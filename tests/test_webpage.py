@@ -2,7 +2,6 @@
 the probabilities, click a class, see its Grad-CAM overlay, take a screenshot."""
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import socket
