@@ -193,24 +193,23 @@ def test_pointing_hit() -> None:
 #
 # Resolution decides what a pointing game can measure: small_cnn pools four times, so at 64 px
 # its last block is 4x4 and the bilinear map can only peak at 4 points per axis. The test
-# trains at 128 px (an 8x8 last block) a narrow variant of SmallCNN (width 8, registered for
-# this test only) so that it trains in about a minute on a 2-core CPU, and keeps the
-# protocol's tolerance (15 px at 224 px, i.e. about 7% of the side). Class-balanced BCE gives
-# the rare findings positive logits on their positives; with plain BCE a rare finding's logit
-# can stay below zero on a true positive, and ReLU(Grad-CAM) is then empty everywhere.
+# trains at 128 px (an 8x8 last block) and keeps the protocol's tolerance (15 px at 224 px,
+# about 7% of the side). Class-balanced BCE gives the rare findings positive logits on their
+# positives; with plain BCE a rare finding's logit can stay below zero on a true positive, and
+# ReLU(Grad-CAM) is then empty everywhere.
 #
-# Scored over lesions: the five pathologies the generator draws. Support Devices are not a
-# lesion and their "box" is the bounding box of a thin tube, which a from-scratch CNN detects
-# from the tissue around it; their score is printed, not held to the bar.
+# Scored over every finding that has boxes, Support Devices (a thin tube) included. Budget
+# matters: with 300 patients a model detects the tube from the tissue around it (Support
+# Devices 0.1-0.3, lesions alone 0.79-0.86 over seeds); with 800 patients and 12 epochs the
+# maps move onto the findings (all findings 0.86-0.96, lesions 0.91-0.98 over two seeds), in
+# 3-4 min of training on an idle 2-core CPU.
 
-POINTING = dict(n_patients=300, valid_fraction=0.25, size=128, width=8, epochs=20, batch_size=16, lr=3e-3,
-                loss="weighted_bce")
-NOT_LESIONS = ("Support Devices",)
+POINTING = dict(n_patients=800, valid_fraction=0.25, size=128, model="small_cnn", epochs=12, batch_size=16,
+                lr=3e-3, loss="weighted_bce")
 
 
 @pytest.fixture(scope="module")
 def pointing_model(tmp_path_factory):
-    from cxrray import models
     from cxrray.engine import quick_train
     from cxrray.predict import Predictor
     from cxrray.sources import load_source
@@ -223,20 +222,16 @@ def pointing_model(tmp_path_factory):
         lateral_fraction=0.0,
         max_studies=1))
     source = load_source("synthetic", out / "data", check_files=False)
-    spec = models.ModelSpec("tiny_cnn", lambda n: models.SmallCNN(n, in_channels=3, width=cfg["width"]),
-                            "features", "classifier", cfg["size"])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(models.REGISTRY, "tiny_cnn", spec)
-        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-        artifact = quick_train(source.manifest, source.label_space, out / "artifact", model="tiny_cnn",
-                               size=cfg["size"], epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                               seed=0, loss=cfg["loss"])
-        yield Predictor(artifact, device="cpu"), source.manifest, synth.boxes_csv
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    artifact = quick_train(source.manifest, source.label_space, out / "artifact", model=cfg["model"],
+                           size=cfg["size"], epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+                           seed=0, loss=cfg["loss"])
+    return Predictor(artifact, device="cpu"), source.manifest, synth.boxes_csv
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # about 1.5 min of training on an idle 2-core CPU; a shared one is slower
-def test_pointing_game_on_synthetic_lesions(pointing_model) -> None:
+@pytest.mark.timeout(2400)  # 3-4 min of training on an idle 2-core CPU; a shared one is several times slower
+def test_pointing_game_on_synthetic_findings(pointing_model) -> None:
     import pandas as pd
 
     predictor, manifest, boxes_csv = pointing_model
@@ -265,11 +260,10 @@ def test_pointing_game_on_synthetic_lesions(pointing_model) -> None:
     targets = np.array(targets)
     per_class = {space.names[k]: f"{hits[targets == k].mean():.2f} of {(targets == k).sum()}"
                  for k in sorted(set(targets.tolist()))}
-    lesion = ~np.isin(targets, [logit_index(space, space.names.index(n)) for n in NOT_LESIONS])
     # The same maps against the boxes of another image: what a map that ignores the image scores.
     shuffled = np.array([pointing_hit(m, b, tolerance) for m, b in zip(maps, truth[1:] + truth[:1])])
-    print(f"\npointing game over lesions {hits[lesion].mean():.3f} ({lesion.sum()} true positives), "
-          f"all findings {hits.mean():.3f} ({len(hits)}); per class {per_class}; "
-          f"boxes of another image {shuffled[lesion].mean():.3f}")
-    assert lesion.sum() >= 40, f"only {lesion.sum()} true-positive lesions with boxes: the model did not learn"
-    assert hits[lesion].mean() >= 0.8, per_class
+    print(f"\npointing game {hits.mean():.3f} over {len(hits)} true positives; per class {per_class}; "
+          f"boxes of another image {shuffled.mean():.3f}")
+    assert len(hits) >= 100, f"only {len(hits)} true positives with boxes: the model did not learn"
+    assert hits.mean() >= 0.8, per_class
+    assert shuffled.mean() < 0.5  # the maps follow the image, not a fixed place
