@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,17 +44,6 @@ def synthetic(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("train")
     write_synthetic_chexpert(tmp / "syn", SynthConfig(n_patients=500, size=64, seed=1), progress=False)
-    ensure_manifest(demo_config(tmp, "split=[0.6,0.4,0.0]"))
-    return tmp
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A tiny manifest (60 patients at 32 px) for the tests about mechanics, not learning."""
-    from cxrray.train import ensure_manifest
-
-    tmp = tmp_path_factory.mktemp("tiny")
-    write_synthetic_chexpert(tmp / "syn", SynthConfig(n_patients=60, size=32, seed=2), progress=False)
     ensure_manifest(demo_config(tmp, "split=[0.6,0.4,0.0]"))
     return tmp
 
@@ -210,21 +201,20 @@ def test_ddp_replicas_hold_identical_parameters_after_a_step(ray_session, tmp_pa
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_rerun_with_the_same_name_resumes_instead_of_starting_over(ray_session, tiny):
+def test_rerun_with_the_same_name_resumes_instead_of_starting_over(quality_run, tmp_path):
+    """Re-running a finished run under its name with one more epoch trains that epoch only. On a
+    copy of the quality run (same name, new storage path) so the other tests' artifacts stay put."""
     from cxrray.train import train
 
-    common = ("image_size=32", "max_steps_per_epoch=2", "run_name=resume")
-    first = train(demo_config(tiny, "epochs=2", *common))
-    assert [r["epoch"] for r in first.history] == [1, 2]
-    second = train(demo_config(tiny, "epochs=3", *common))
-    assert [r["epoch"] for r in second.history] == [1, 2, 3]
-    # Epochs 1-2 come from the checkpoint, not a retraining: their rows are unchanged (augmentation
-    # and shuffling are unseeded, so a second pass would give other losses).
-    assert second.history[:2] == first.history
-    assert second.epochs_done == 3 and math.isfinite(second.history[2]["train_loss"])
-    # Ray kept its checkpoints in the run directory the two runs share.
+    cfg, first = quality_run
+    shutil.copytree(first.run_dir, tmp_path / cfg.run_name)
+    second = train(replace(cfg, storage_path=str(tmp_path), epochs=cfg.epochs + 1))
+    assert [r["epoch"] for r in second.history] == list(range(1, cfg.epochs + 2))
+    # The first epochs come from the checkpoint, not a retraining: their rows are unchanged
+    # (augmentation and block order are unseeded, so a second pass would give other losses).
+    assert second.history[:-1] == first.history
+    assert second.epochs_done == cfg.epochs + 1 and math.isfinite(second.history[-1]["train_loss"])
     assert len([d for d in second.run_dir.glob("checkpoint_*") if d.is_dir()]) == 2  # num_to_keep=2
-
 
 
 def test_an_epoch_that_read_no_image_stops_training():

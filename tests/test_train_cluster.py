@@ -142,7 +142,7 @@ def test_two_nodes_lose_a_worker_and_training_resumes_from_its_checkpoint(tmp_pa
     from cxrray.artifact import load_artifact
 
     root, manifest = _tiny_data(tmp_path)
-    epochs = 4
+    epochs = 3
     overrides = [f"root={root}", f"manifest={manifest}", f"storage_path={tmp_path / 'runs'}", "run_name=fault",
                  "image_size=32", f"epochs={epochs}", "num_workers=2", "cpus_per_worker=1",
                  "placement_strategy=STRICT_SPREAD", "max_failures=2", "split=[0.6,0.4,0.0]"]
