@@ -112,7 +112,7 @@ register(ModelSpec("resnet50", _resnet50, "layer4", "fc", 224, "ResNet50_Weights
 register(ModelSpec("vgg16", _vgg16, "features.29", "classifier.6", 224, "VGG16_Weights"))
 register(ModelSpec("inception_v3", _inception_v3, "Mixed_7c", "fc", 299, "Inception_V3_Weights"))
 register(ModelSpec("small_cnn", SmallCNN, "features", "classifier", 128, None, native_channels=True))
-# A quarter of the width (~0.25M parameters): trains in about a minute on a 2-core CPU at 128 px,
+# A quarter of the width (0.09 M parameters vs 1.47 M): trains in about a minute on a 2-core CPU at 128 px,
 # for CPU-only demos, quick checks and the Grad-CAM pointing-game test.
 register(ModelSpec("tiny_cnn", partial(SmallCNN, width=8), "features", "classifier", 128, None,
                    native_channels=True))
