@@ -4,14 +4,9 @@ session's `ray_session`: a simulated two-node cluster that loses a worker mid-ru
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import uuid
@@ -19,58 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from clusters import VENV_BIN, cluster_env, ray_tmp, start_head  # noqa: F401  (ray_tmp: a fixture)
 from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 DEMO_CONFIG = REPO / "jobs" / "configs" / "synthetic_demo.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_tmp():
-    """A short private Ray temp dir (Unix socket paths must stay under ~107 characters); as
-    RAY_TMPDIR it also keeps the cluster's address file away from other clusters' /tmp/ray."""
-    path = Path(tempfile.mkdtemp(prefix="cxr", dir="/tmp"))
-    yield path
-    _kill_processes_under(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _kill_processes_under(temp_dir: Path) -> None:
-    """Stop the Ray processes of *this* cluster only: every Ray process names its temp/session
-    dir on its command line. (`ray stop` would stop every cluster on the machine.)"""
-    me = os.getpid()
-    for _ in range(2):
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == me:
-                continue
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(temp_dir).encode() in cmdline:
-                pids.append(int(proc.name))
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-
-
-def _env(ray_tmp: Path) -> dict[str, str]:
-    return {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled",
-            # the head's (and so the job's) `python` is this venv's
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def _tiny_data(tmp: Path, n_patients: int = 60) -> tuple[Path, Path]:
@@ -150,7 +100,7 @@ def test_two_nodes_lose_a_worker_and_training_resumes_from_its_checkpoint(tmp_pa
     script.write_text(FAULT_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), json.dumps({"config": str(DEMO_CONFIG),
                                                                       "overrides": overrides})],
-                          cwd=tmp_path, env=_env(ray_tmp), capture_output=True, text=True, timeout=540)
+                          cwd=tmp_path, env=cluster_env(ray_tmp), capture_output=True, text=True, timeout=540)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
@@ -175,18 +125,8 @@ def test_ray_job_submit_trains_and_writes_a_loadable_artifact(tmp_path, ray_tmp)
     from cxrray.artifact import load_artifact
 
     root, manifest = _tiny_data(tmp_path)
-    env = _env(ray_tmp)
-    dash = _free_port()
-    address = f"http://127.0.0.1:{dash}"
-    ports = {"--port": _free_port(), "--dashboard-port": dash, "--ray-client-server-port": _free_port(),
-             "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-             "--metrics-export-port": _free_port(), "--runtime-env-agent-port": _free_port(),
-             "--node-manager-port": _free_port(), "--object-manager-port": _free_port()}
-    start = subprocess.run([str(VENV_BIN / "ray"), "start", "--head", "--num-cpus=4", "--include-dashboard=true",
-                            "--dashboard-host=127.0.0.1", f"--temp-dir={ray_tmp}", "--disable-usage-stats",
-                            *[f"{k}={v}" for k, v in ports.items()]],
-                           env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stdout + start.stderr
+    head = start_head(ray_tmp)
+    env, address = head.env, head.dashboard_url
 
     def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(VENV_BIN / "ray"), *args], env=env, cwd=REPO, capture_output=True, text=True,

@@ -1,0 +1,89 @@
+"""Helpers for tests that run a Ray cluster of their own beside the session's `ray_session`
+(a `ray start` head, a simulated multi-node cluster): free ports, a private temp dir, an
+environment that keeps the two apart, and stopping exactly this cluster's processes."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_tmp():
+    """A short private Ray temp dir (Unix socket paths must stay under ~107 characters); as
+    RAY_TMPDIR it also keeps the cluster's address file away from other clusters' /tmp/ray."""
+    path = Path(tempfile.mkdtemp(prefix="cxr", dir="/tmp"))
+    yield path
+    kill_processes_under(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def kill_processes_under(temp_dir: Path) -> None:
+    """Stop the Ray processes of *this* cluster only: every Ray process names its temp/session
+    dir on its command line. (`ray stop` would stop every cluster on the machine.)"""
+    me = os.getpid()
+    for _ in range(2):
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == me:
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(temp_dir).encode() in cmdline:
+                pids.append(int(proc.name))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+
+def cluster_env(ray_tmp: Path) -> dict[str, str]:
+    return {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled",
+            # the head's (and so the job's) `python` is this venv's
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@dataclass(frozen=True)
+class Head:
+    gcs_address: str  # for ray.init / `serve run --address`
+    dashboard_url: str  # for `ray job` and `serve deploy`
+    env: dict
+
+
+def start_head(ray_tmp: Path, num_cpus: int = 4) -> Head:
+    """`ray start --head` on 127.0.0.1 with every port free-picked (nothing collides with the
+    session cluster or a neighbour's), dashboard on loopback. Stopped by the ray_tmp fixture."""
+    env = cluster_env(ray_tmp)
+    gcs, dash = free_port(), free_port()
+    ports = {"--port": gcs, "--dashboard-port": dash, "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+    start = subprocess.run([str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+                            f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                            f"--temp-dir={ray_tmp}", "--disable-usage-stats",
+                            *[f"{k}={v}" for k, v in ports.items()]],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+    return Head(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", env)
