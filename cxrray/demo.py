@@ -82,7 +82,7 @@ class Stage:
 
     def __exit__(self, *exc):
         dt = time.time() - self.t
-        self.summary.stages[self.title.split()[0]] = dt
+        self.summary.stages[self.title.split()[0].rstrip(",:")] = dt
         if exc[0] is None:
             log.info("[%d/7] %s done in %.1fs", self.k, self.title, dt)
 
