@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from clusters import free_port
 from cxrray.cli import main
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -18,16 +18,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 AUROC_BAR = 0.85
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_demo_end_to_end(ray_session, tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--n-patients", "400", "--size", "64", "--epochs", "8",
-               "--port", str(_free_port()), "--json"])
+               "--port", str(free_port()), "--json"])
     assert rc == 0
     stdout = capsys.readouterr().out
     summary = json.loads(stdout.strip().splitlines()[-1])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import struct
 import time
 import zlib
@@ -16,6 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
+from clusters import free_port
 from cxrray.labels import SYNTHETIC_FINDINGS, LabelSpace
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -26,12 +26,6 @@ TIMEOUT = 30
 
 
 # ------------------------------------------------------------------------------ builders
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:

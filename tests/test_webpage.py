@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
+from clusters import free_port
 from cxrray.labels import SYNTHETIC_FINDINGS
 
 pytestmark = [pytest.mark.ray, pytest.mark.browser, pytest.mark.slow]
@@ -21,12 +21,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 SCREENSHOT = Path(os.environ.get("CXRRAY_SCREENSHOT", "/tmp/cxrray_page.png"))
 VIEWPORT = {"width": 1200, "height": 820}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def xray_png(path: Path) -> Path:
