@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrray import __version__
+from cxrray import __version__, storage
 from cxrray.labels import LabelSpace
 from cxrray.models import CXRModel, build_model
 from cxrray.transforms import Preprocess
@@ -40,6 +42,7 @@ class ModelMeta:
     summary: dict[str, Any] = field(default_factory=dict)  # epochs, metrics, history, data fingerprint
     config: dict[str, Any] = field(default_factory=dict)  # the resolved training config
     model_id: str = ""
+    weights_sha256: str = ""  # of model.pt: readers verify it (a torn or raced read never loads)
     code_version: str = __version__
     created: str = ""
 
@@ -73,41 +76,96 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_artifact(directory: str | Path, model: nn.Module, meta: ModelMeta) -> Path:
-    """Write atomically (to a temp dir, then rename) so a crash never leaves half an artifact."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def save_artifact(directory: str | Path, model: nn.Module, meta: ModelMeta) -> str | Path:
+    """Publish an artifact to a local folder or a URI (s3://...), never leaving a moment
+    without one: `model.pt` is replaced first and `model.json` (which names the weights'
+    sha256) last, each file atomically. A reader that catches the two mid-switch sees a hash
+    mismatch and reads again (`read_artifact_files`); the old artifact stays readable until the
+    new one is whole. Returns the artifact's local Path, or its URI."""
+    with tempfile.TemporaryDirectory(prefix="cxrray-artifact-") as tmp:
+        staged = write_local(Path(tmp), model, meta)
+        dest = storage.normalize(directory)
+        storage.upload_dir(staged, dest, last=(META,))
+    return dest if storage.is_uri(dest) else Path(dest)
+
+
+def write_local(directory: Path, model: nn.Module, meta: ModelMeta) -> Path:
+    """model.pt + model.json into a local folder; fills meta.model_id and weights_sha256."""
+    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    torch.save(state, tmp / WEIGHTS)
+    torch.save(state, directory / WEIGHTS)
+    digest = file_sha256(directory / WEIGHTS)
     # The id hashes the weights and the label space/preprocessing: same weights with another
     # label order must not share an id.
-    h = hashlib.sha256(file_sha256(tmp / WEIGHTS).encode())
+    h = hashlib.sha256(digest.encode())
     h.update(json.dumps([meta.label_space.to_dict(), meta.preprocess.to_dict(), meta.architecture]).encode())
     meta.model_id = h.hexdigest()[:16]
+    meta.weights_sha256 = digest
     meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    (tmp / META).write_text(json.dumps(meta.to_dict(), indent=2, default=str))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    (directory / META).write_text(json.dumps(meta.to_dict(), indent=2, default=str))
     return directory
 
 
+def _not_an_artifact(directory: str) -> ArtifactError:
+    return ArtifactError(f"{directory}: not a cxrray artifact (needs {WEIGHTS} and {META}); point at a training "
+                         "run's artifacts/best directory")
+
+
 def read_meta(directory: str | Path) -> ModelMeta:
-    directory = Path(directory)
-    if not (directory / META).exists() or not (directory / WEIGHTS).exists():
-        raise ArtifactError(
-            f"{directory}: not a cxrray artifact (needs {WEIGHTS} and {META}); point at a training run's"
-            " artifacts/best directory"
-        )
-    return ModelMeta.from_dict(json.loads((directory / META).read_text()))
+    d = storage.normalize(directory)
+    try:
+        text = storage.read_text(storage.join(d, META))
+    except FileNotFoundError:
+        raise _not_an_artifact(d) from None
+    if not storage.is_file(storage.join(d, WEIGHTS)):
+        raise _not_an_artifact(d)
+    return ModelMeta.from_dict(json.loads(text))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CXRRAY_CACHE", Path.home() / ".cache" / "cxrray")) / "artifacts"
+
+
+def localize(directory: str | Path, attempts: int = 5) -> Path:
+    """A local folder holding the artifact. Local paths are used in place; a URI is downloaded
+    once per model_id into the cache (CXRRAY_CACHE, default ~/.cache/cxrray), so every replica
+    and actor on a node after the first loads from local disk. The weights are checked against
+    the sha256 in model.json, which also catches a read that raced a re-publish."""
+    d = storage.normalize(directory)
+    if not storage.is_uri(d):
+        return Path(d)
+    for attempt in range(attempts):
+        meta = read_meta(d)
+        key = meta.model_id or hashlib.sha256(d.encode()).hexdigest()[:16]
+        cached = cache_root() / key
+        if (cached / META).exists() and (cached / WEIGHTS).exists():
+            return cached
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cached.parent))
+        try:
+            (tmp / WEIGHTS).write_bytes(storage.read_bytes(storage.join(d, WEIGHTS)))
+            if meta.weights_sha256 and file_sha256(tmp / WEIGHTS) != meta.weights_sha256:
+                log.info("%s changed while it was read (attempt %d); reading it again", d, attempt + 1)
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            (tmp / META).write_text(json.dumps(meta.to_dict(), indent=2, default=str))
+            try:
+                os.replace(tmp, cached)  # another process may have won the race: theirs is identical
+            except OSError:
+                pass
+            log.info("artifact %s cached at %s", d, cached)
+            return cached
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise ArtifactError(f"{d}: its {WEIGHTS} never matched the sha256 in its {META} after {attempts} reads; "
+                        "is something rewriting it?")
 
 
 def load_artifact(directory: str | Path, device: str | torch.device = "cpu") -> tuple[CXRModel, ModelMeta]:
-    meta = read_meta(directory)
+    local = localize(directory)
+    meta = read_meta(local)
     model = build_model(meta.architecture, meta.label_space.num_outputs, meta.preprocess)
     # weights_only=True: a checkpoint from elsewhere can carry no executable pickle.
-    state = torch.load(Path(directory) / WEIGHTS, map_location="cpu", weights_only=True)
+    state = torch.load(local / WEIGHTS, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), meta

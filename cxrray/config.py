@@ -12,6 +12,8 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from cxrray import storage
+
 T = TypeVar("T")
 
 
@@ -69,12 +71,13 @@ class TrainConfig:
     placement_strategy: str = "PACK"
     ray_address: str | None = None
 
-    def resolved_storage(self) -> Path:
-        return Path(self.storage_path).expanduser().resolve()
+    def resolved_storage(self) -> str:
+        """An absolute local path, or the URI as given: Ray Train takes `s3://...` unchanged."""
+        return storage.normalize(self.storage_path)
 
     @property
-    def run_dir(self) -> Path:
-        return self.resolved_storage() / self.run_name
+    def run_dir(self) -> str:
+        return storage.join(self.resolved_storage(), self.run_name)
 
 
 def _coerce(cls_field: dataclasses.Field, value: Any) -> Any:
@@ -121,8 +124,6 @@ def to_dict(cfg: Any) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def save_config(cfg: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return path
+def save_config(cfg: Any, path: str | Path) -> str:
+    """The resolved config as YAML, beside a job's outputs (a local path or a URI)."""
+    return storage.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

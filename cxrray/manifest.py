@@ -10,11 +10,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from cxrray import storage
 from cxrray.labels import LabelSpace
 
 BASE_COLUMNS: tuple[str, ...] = ("image_id", "path", "patient_id", "study_id", "view", "split")
@@ -93,24 +92,23 @@ def validate(df: pd.DataFrame, label_space: LabelSpace) -> None:
             raise ManifestError(f"split values must be train/valid/test, found {sorted(bad)}")
 
 
-def write_manifest(df: pd.DataFrame, label_space: LabelSpace, out: str | Path, info: dict | None = None) -> Path:
+def write_manifest(df: pd.DataFrame, label_space: LabelSpace, out: str | Path, info: dict | None = None) -> str:
+    """Write the manifest Parquet (a local path or a URI, atomically); returns where it went."""
     df = normalise(df, label_space)
     validate(df, label_space)
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[META_KEY] = json.dumps(label_space.to_dict()).encode()
     meta[EXTRA_META_KEY] = json.dumps(info or {}, default=str).encode()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.replace_schema_metadata(meta), out)
-    return out
+    return storage.write_parquet(table.replace_schema_metadata(meta), out)
 
 
 def read_manifest(path: str | Path) -> tuple[pd.DataFrame, LabelSpace]:
-    path = Path(path)
-    if not path.exists():
-        raise ManifestError(f"{path}: no such manifest; build one with `cxrray manifest`")
-    table = pq.read_table(path)
+    path = storage.normalize(path)
+    try:
+        table = storage.read_parquet(path)
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such manifest; build one with `cxrray manifest`") from None
     meta = table.schema.metadata or {}
     if META_KEY not in meta:
         raise ManifestError(f"{path}: not a cxrray manifest (no label space in its metadata)")
@@ -121,9 +119,5 @@ def read_manifest(path: str | Path) -> tuple[pd.DataFrame, LabelSpace]:
 
 
 def manifest_info(path: str | Path) -> dict:
-    meta = pq.read_schema(path).metadata or {}
+    meta = storage.parquet_file(path).schema_arrow.metadata or {}
     return json.loads(meta.get(EXTRA_META_KEY, b"{}"))
-
-
-def label_matrix(df: pd.DataFrame, label_space: LabelSpace) -> np.ndarray:
-    return df[list(label_space.columns)].to_numpy(dtype=np.float32)

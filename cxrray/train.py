@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxrray.artifact import ModelMeta, save_artifact, unwrap
+from cxrray import storage
+from cxrray.artifact import ModelMeta, read_meta, save_artifact, unwrap, write_local
 from cxrray.config import TrainConfig, build, save_config, to_dict
 from cxrray.engine import Precision, cosine_lr, predict_batches, score_predictions, set_lr, train_one_epoch
 from cxrray.labels import LabelSpace, resolve_label_names
@@ -34,16 +35,16 @@ TRAIN_STATE = "train_state.pt"
 
 @dataclass
 class TrainResult:
-    run_dir: Path
-    best_artifact: Path
-    last_artifact: Path
+    run_dir: str  # an absolute local path or the storage URI (s3://...)
+    best_artifact: str
+    last_artifact: str
     best_val_mean_auroc: float | None
     epochs_done: int
     history: list[dict]
     seconds: float
 
     def to_dict(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+        return dict(self.__dict__)
 
 
 def preprocess_for(cfg: TrainConfig) -> Preprocess:
@@ -132,7 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
         history = json.loads(state["history"])
         best_thresholds = json.loads(state["best_thresholds"])
 
-    run_dir = Path(config["run_dir"])
+    run_dir = config["run_dir"]  # local or a URI: artifacts go through storage, never a node's own disk
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
     for epoch in range(start_epoch, cfg.epochs):
@@ -174,16 +175,17 @@ def train_loop_per_worker(config: dict) -> None:
                      row["train_images_per_s"], "  (best)" if improved else "")
             meta = _meta(cfg, config, space, pre, row["thresholds"], history)
             with tempfile.TemporaryDirectory() as tmp:
-                ckpt_dir = save_artifact(Path(tmp) / "checkpoint", model, meta)
+                ckpt_dir = write_local(Path(tmp) / "checkpoint", model, meta)
                 torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best": best, "stale": stale,
                             "history": json.dumps(history), "best_thresholds": json.dumps(best_thresholds),
                             "plateau": plateau.state_dict() if plateau is not None else None},
                            ckpt_dir / TRAIN_STATE)
-                # Plain artifacts beside Ray's checkpoints: what scoring and serving load.
-                save_artifact(run_dir / "artifacts" / "last", model, meta)
+                # Plain artifacts beside Ray's checkpoints, published through the run's storage
+                # (rank 0 may sit on any node): what scoring and serving load.
+                save_artifact(storage.join(run_dir, "artifacts", "last"), model, meta)
                 if improved:
-                    save_artifact(run_dir / "artifacts" / "best", model, _meta(cfg, config, space, pre,
-                                                                               best_thresholds, history))
+                    save_artifact(storage.join(run_dir, "artifacts", "best"),
+                                  model, _meta(cfg, config, space, pre, best_thresholds, history))
                 ray.train.report(metrics_out, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))
         else:
             ray.train.report(metrics_out)
@@ -222,10 +224,10 @@ def _meta(cfg: TrainConfig, config: dict, space: LabelSpace, pre: Preprocess, th
 # --- the driver -----------------------------------------------------------------------------------
 
 
-def ensure_manifest(cfg: TrainConfig) -> Path:
+def ensure_manifest(cfg: TrainConfig) -> str:
     """Build the configured manifest (with its patient split) when it does not exist yet."""
-    path = Path(cfg.manifest)
-    if path.exists():
+    path = storage.normalize(cfg.manifest)
+    if storage.exists(path):
         return path
     if not (cfg.source and cfg.root):
         raise FileNotFoundError(f"manifest {path} does not exist and no source/root is configured to build it")
@@ -264,6 +266,18 @@ def init_ray(address: str | None, worker_cpus: int) -> bool:
     return True
 
 
+def warn_if_storage_not_shared(cfg: TrainConfig) -> None:
+    """Ray Train needs storage every node can reach; a local path is only that on one node
+    (or on an NFS mount, which cxrray cannot tell from a local disk)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and not storage.is_uri(cfg.storage_path):
+        log.warning("storage_path %s is a local path but the cluster has %d nodes: checkpoints and artifacts "
+                    "are shared only if it is a shared mount (NFS) on every node; otherwise use s3://... or "
+                    "gs://...", cfg.resolved_storage(), len(nodes))
+
+
 def use_gpu(cfg: TrainConfig) -> bool:
     if isinstance(cfg.use_gpu, bool):
         return cfg.use_gpu
@@ -281,7 +295,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     from cxrray.data import files_dataset, shards_dataset
 
     start = time.time()
+    # Before Ray starts: a missing bucket or refused credentials is one line, not a worker traceback.
+    storage.check_store(cfg.storage_path, what="storage_path")
+    storage.check_store(cfg.manifest, what="manifest")
     init_ray(cfg.ray_address, cfg.num_workers * cfg.cpus_per_worker)
+    warn_if_storage_not_shared(cfg)
     # Ray Data's per-operator bars, relayed from every train worker, drown the per-epoch log
     # lines that are this job's progress report.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -306,20 +324,20 @@ def train(cfg: TrainConfig) -> TrainResult:
         valid_ds = files_dataset(valid_df, space, pre, None, 128)
     weights = ClassWeights.from_labels(train_df[list(space.columns)].to_numpy(np.float32))
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    storage.makedirs(run_dir)
+    save_config(cfg, storage.join(run_dir, "config.yaml"))
     gpu = use_gpu(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": to_dict(cfg), "space": space.to_dict(), "preprocess": pre.to_dict(),
-            "class_weights": {"pos": weights.pos, "neg": weights.neg}, "run_dir": str(run_dir),
+            "class_weights": {"pos": weights.pos, "neg": weights.neg}, "run_dir": run_dir,
             "fingerprint": data_fingerprint(df), "n_train": len(train_df), "n_valid": len(valid_df),
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      placement_strategy=cfg.placement_strategy),
-        run_config=RunConfig(name=cfg.run_name, storage_path=str(cfg.resolved_storage()),
+        run_config=RunConfig(name=cfg.run_name, storage_path=cfg.resolved_storage(),  # a URI goes as it is
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": train_ds, "valid": valid_ds},
@@ -329,8 +347,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     log.info("training %s on %d train / %d valid images, %d workers (%s), run dir %s", cfg.model, len(train_df),
              len(valid_df), cfg.num_workers, "GPU" if gpu else "CPU", run_dir)
     result = trainer.fit()
-    best_dir, last_dir = run_dir / "artifacts" / "best", run_dir / "artifacts" / "last"
-    history = json.loads((last_dir / "model.json").read_text())["summary"]["history"]
+    best_dir, last_dir = storage.join(run_dir, "artifacts", "best"), storage.join(run_dir, "artifacts", "last")
+    if result.error and not storage.exists(storage.join(last_dir, "model.json")):
+        raise result.error
+    history = read_meta(last_dir).summary["history"]
     best = max((r["val_mean_auroc"] for r in history if r["val_mean_auroc"] is not None), default=None)
     if result.error:
         raise result.error

@@ -174,20 +174,29 @@ def result_batch(ids: list[str], errors: list[str | None] | None = None) -> pa.T
                      "model_id": ["m1"] * n, "error": errors})
 
 
+def parts_on_disk(out: Path) -> list[int]:
+    """Indices of the part files in `out`, after checking each has its commit record."""
+    names = sorted(n for n in os.listdir(out) if n.startswith("part-"))
+    records = sorted(os.listdir(out / score.COMMITS)) if (out / score.COMMITS).is_dir() else []
+    assert records == [n.replace(".parquet", ".json") for n in names], (names, records)
+    return [int(n.split("-")[1].split(".")[0]) for n in names]
+
+
 def test_part_writer_routes_rows_to_chunks_drops_duplicates_and_nulls_failed_probs(tmp_path: Path) -> None:
     ids = [f"id{i:02d}" for i in range(10)]
     w = PartWriter(tmp_path, ids, chunk_size=4, first_part=3, schema=SCHEMA, model_id="m1", label_space={})
     # Out of order, with a retried batch re-sending rows: chunks are [0-3], [4-7], [8-9].
     assert w.add(result_batch(["id09", "id01", "id05"], [None, "corrupt: /x: bad", None])) == 3
     assert w.add(result_batch(["id00", "id02", "id03", "id01"])) == 3  # id01 again: dropped
-    assert sorted(os.listdir(tmp_path)) == ["part-00003.parquet"]
+    assert parts_on_disk(tmp_path) == [3]
     assert w.add(result_batch(["id08", "id04", "id06", "id07", "id03"])) == 4  # id03: chunk already on disk
-    assert sorted(os.listdir(tmp_path)) == ["part-00003.parquet", "part-00004.parquet", "part-00005.parquet"]
+    assert parts_on_disk(tmp_path) == [3, 4, 5]
     df = pd.read_parquet(tmp_path)
     assert list(df.columns) == SCHEMA.names and len(df) == 10 and df["image_id"].is_unique
     bad = df.set_index("image_id").loc["id01"]
     assert pd.isna(bad["p_a"]) and bad["error"].startswith("corrupt")
-    assert pq.read_table(tmp_path / "part-00003.parquet")["p_a"].null_count == 1  # null, not NaN
+    part3 = next(tmp_path.glob("part-00003-*.parquet"))
+    assert pq.read_table(part3)["p_a"].null_count == 1  # null, not NaN
     assert w.duplicates == 2 and w.rows_written == 10
 
 
@@ -209,15 +218,22 @@ def test_scan_output_resumes_cleans_up_and_refuses_another_model(tmp_path: Path)
     assert scan_output(out, "m1", SCHEMA, force_model=False).done == set()
     _part(out, 0, ["a", "b"])
     _part(out, 4, ["c"])
-    (out / ".part-00005.parquet.tmp-123").write_bytes(b"half")  # a crash mid-write
-    (out / "part-00006.parquet").write_bytes(b"PAR1 not really")  # unreadable: redone
+    (out / ".part-00005-00000000.parquet.tmp-123").write_bytes(b"half")  # a crash mid-write
+    (out / "part-00006-0badc0de.parquet").write_bytes(b"PAR1 not really")  # never committed: redone
+    _part(out, 7, ["d"])
+    next(out.glob("part-00007-*.parquet")).unlink()  # a commit record whose part is gone: dropped
+    _part(out, 8, ["e"])
+    next(out.glob("part-00008-*.parquet")).write_bytes(b"PAR1 torn")  # committed size no longer matches
     st = scan_output(out, "m1", SCHEMA, force_model=False)
     assert st.done == {"a", "b", "c"} and st.next_part == 5
-    assert sorted(os.listdir(out)) == ["part-00000.parquet", "part-00004.parquet"]
+    assert sorted(n for n in os.listdir(out) if not n.startswith("_")) == sorted(
+        p.name for p in out.glob("part-0000[04]-*.parquet"))
+    assert parts_on_disk(out) == [0, 4]
     with pytest.raises(OutputConflict, match="--force-model"):
         scan_output(out, "m2", SCHEMA, force_model=False)
     st = scan_output(out, "m2", SCHEMA, force_model=True)
-    assert st.done == set() and os.listdir(out) == []
+    assert st.done == set() and [n for n in os.listdir(out) if n != score.COMMITS] == []
+    assert parts_on_disk(out) == []
 
 
 def test_scan_output_refuses_duplicates_and_foreign_folders(tmp_path: Path) -> None:

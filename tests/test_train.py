@@ -127,7 +127,7 @@ def test_ray_training_reaches_the_quality_bar(quality_run):
     assert res.best_val_mean_auroc >= QUALITY_BAR, [round(a, 4) for a in aurocs]
     n_valid = int((read_manifest(cfg.manifest)[0]["split"] == "valid").sum())
     assert all(r["val_images"] == n_valid and r["train_images"] > 0 for r in res.history)
-    assert load_config(TrainConfig, cfg.run_dir / "config.yaml") == cfg  # the resolved config beside the run
+    assert load_config(TrainConfig, Path(cfg.run_dir) / "config.yaml") == cfg  # the resolved config beside the run
 
 
 @pytest.mark.ray
@@ -214,7 +214,7 @@ def test_rerun_with_the_same_name_resumes_instead_of_starting_over(quality_run, 
     # (augmentation and block order are unseeded, so a second pass would give other losses).
     assert second.history[:-1] == first.history
     assert second.epochs_done == cfg.epochs + 1 and math.isfinite(second.history[-1]["train_loss"])
-    assert len([d for d in second.run_dir.glob("checkpoint_*") if d.is_dir()]) == 2  # num_to_keep=2
+    assert len([d for d in Path(second.run_dir).glob("checkpoint_*") if d.is_dir()]) == 2  # num_to_keep=2
 
 
 def test_an_epoch_that_read_no_image_stops_training():

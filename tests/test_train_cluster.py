@@ -59,7 +59,7 @@ FAULT_SCRIPT = textwrap.dedent('''
         # Ray writes this snapshot once the controller has registered a reported checkpoint (the
         # checkpoint_* folder alone appears while it is still being copied).
         try:
-            snapshot = json.loads((cfg.run_dir / "checkpoint_manager_snapshot.json").read_text())
+            snapshot = json.loads((Path(cfg.run_dir) / "checkpoint_manager_snapshot.json").read_text())
         except (OSError, ValueError):
             return False
         return bool(snapshot.get("latest_checkpoint_result"))
@@ -72,7 +72,7 @@ FAULT_SCRIPT = textwrap.dedent('''
         seen["nodes"] = sorted({a["Address"]["NodeID"] for a in alive})
         victim = next(a for a in alive if a["Address"]["NodeID"] == second.node_id)
         seen["killed"] = {"pid": victim["Pid"], "node": victim["Address"]["NodeID"],
-                          "checkpoints": len(list(cfg.run_dir.glob("checkpoint_*")))}
+                          "checkpoints": len(list(Path(cfg.run_dir).glob("checkpoint_*")))}
         os.kill(victim["Pid"], signal.SIGKILL)
 
     killer = threading.Thread(target=kill_one_after_first_checkpoint, daemon=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cxrray import storage
 from cxrray.labels import (
     ALLOWED_RAW,
     CHEXPERT_14,
@@ -56,6 +58,8 @@ def find_csvs(root: str | Path, csvs: Sequence[str | Path] | None = None) -> tup
     root: a CSV file; the folder holding train.csv/valid.csv; or the folder containing
     `CheXpert-v1.0-small/` or `CheXpert-v1.0/`. csvs: names ("train", "valid.csv") or paths.
     """
+    if storage.is_uri(root):
+        return _find_csvs_uri(storage.normalize(root), csvs)
     root = Path(root)
     if not root.exists():
         raise ManifestError(f"{root}: no such file or folder; pass a CheXpert folder or its train.csv")
@@ -87,6 +91,35 @@ def find_csvs(root: str | Path, csvs: Sequence[str | Path] | None = None) -> tup
     return dataset_dir, files
 
 
+def _find_csvs_uri(root: str, csvs: Sequence[str | Path] | None) -> tuple[str, list[str]]:
+    """find_csvs for a bucket prefix (s3://.../CheXpert-v1.0-small): the same accepted forms."""
+    if storage.is_file(root):
+        return posixpath.dirname(root), [root]
+    for dataset_dir in (root, *(storage.join(root, d) for d in DATASET_DIRS)):
+        found = _csvs_in_uri(dataset_dir)
+        if found:
+            break
+    else:
+        raise ManifestError(f"{root}: no train.csv or valid.csv here nor in {root}/CheXpert-v1.0-small/ or "
+                            f"{root}/CheXpert-v1.0/; pass the prefix that holds train.csv, or the CSV itself")
+    if csvs is None:
+        return dataset_dir, found
+    files = []
+    for c in map(str, csvs):
+        candidates = [c] if storage.is_uri(c) else [storage.join(dataset_dir, n) for n in (c, f"{c}.csv", f"{c}.csv.gz")]
+        hit = next((p for p in candidates if storage.is_file(p)), None)
+        if hit is None:
+            raise ManifestError(f"{dataset_dir}: no CSV named {c!r} (tried {candidates})")
+        files.append(hit)
+    return dataset_dir, files
+
+
+def _csvs_in_uri(folder: str) -> list[str]:
+    names = set(storage.list_dir(folder))
+    found = (next((f"{n}{sfx}" for sfx in (".csv", ".csv.gz") if f"{n}{sfx}" in names), None) for n in CSV_NAMES)
+    return [storage.join(folder, f) for f in found if f]
+
+
 def _csvs_in(folder: Path) -> list[Path]:
     out = []
     for name in CSV_NAMES:
@@ -97,8 +130,8 @@ def _csvs_in(folder: Path) -> list[Path]:
     return out
 
 
-def _csv_split(path: Path) -> str | None:
-    stem = path.name.split(".")[0].lower()
+def _csv_split(path: str | Path) -> str | None:
+    stem = storage.name(path).split(".")[0].lower()
     return _SPLIT_OF_CSV.get(stem)
 
 
@@ -130,12 +163,12 @@ def resolve_paths(rel: pd.Series, dataset_dir: Path) -> pd.Series:
     folder keeps its name; `train/...` against the dataset folder; a renamed folder (e.g.
     `chexpert/train.csv` holding `CheXpert-v1.0-small/...`) drops the first component.
     """
-    ddir = os.path.abspath(dataset_dir)
-    same = rel.str.startswith(Path(ddir).name + "/")
+    ddir = str(dataset_dir) if storage.is_uri(dataset_dir) else os.path.abspath(dataset_dir)
+    same = rel.str.startswith(storage.name(ddir) + "/")
     in_ddir = rel.str.startswith(("train/", "valid/", "test/"))
     absolute = rel.str.startswith("/")
     out = ddir + "/" + rel
-    out = out.where(~same, os.path.dirname(ddir) + "/" + rel)
+    out = out.where(~same, posixpath.dirname(ddir) + "/" + rel)
     other = ~(same | in_ddir | absolute)
     if other.any():
         out = out.where(~other, ddir + "/" + rel.str.replace(r"^[^/]*/", "", regex=True))
@@ -202,7 +235,7 @@ def load_chexpert(
         frames.append(df)
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     skipped = Skipped()
-    info: dict = {"dataset_dir": os.path.abspath(dataset_dir), "csvs": [str(f) for f in files],
+    info: dict = {"dataset_dir": storage.normalize(dataset_dir), "csvs": [str(f) for f in files],
                   "uncertainty": config.to_dict(), "n_csv_rows": len(df)}
 
     rel = df["Path"].str.strip()

@@ -1,0 +1,5 @@
+import sys
+
+from cxrray.score.cli import main
+
+sys.exit(main())

@@ -1,0 +1,251 @@
+"""The Ray side of bulk scoring: a Predictor actor pool streaming results into the store.
+
+Images with no committed row yet are split into fixed chunks. Ray Data streams their paths
+through `map_batches(Predictor, ActorPoolStrategy)` (decoding in the actors, or in a separate
+CPU task stage); the driver routes result rows to their chunk, and the store commits each
+complete chunk (see store.py). A killed Ray worker is restarted by Ray Data and its batch
+retried; rows that arrive twice are dropped by image_id.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import pandas as pd
+import pyarrow as pa
+
+from cxrray import storage
+from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from cxrray.predict import Predictor, decode_batch
+from cxrray.score.errors import OutputConflict
+from cxrray.score.inputs import fingerprint, list_inputs
+from cxrray.score.store import (FORMAT, OutputLock, PartWriter, check_output, committed_parts, output_schema,
+                                read_index, read_manifest_json, scan_output, to_contract, write_manifest_json)
+
+log = logging.getLogger(__name__)
+DEFAULT_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    artifact: str
+    input: str
+    out: str
+    batch_size: int = 32
+    chunk_size: int = DEFAULT_CHUNK
+    actors: int | None = None  # default: fill the cluster (CPUs // cpus_per_actor, or GPUs)
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    decode: str = "auto"  # "actor", "task" (separate CPU stage) or auto: task with GPUs
+    force_model: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    ray_address: str | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    actors: int
+    cpus: float
+    gpus: float
+    decode: str
+
+
+def plan_resources(cfg: ScoreConfig, cluster_cpus: float, cluster_gpus: float) -> Resources:
+    """Actor count and per-actor resources; on CPU the default fills the cluster with
+    one-thread actors (decode is single-threaded, so processes scale better than threads)."""
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if cluster_gpus >= 1 else 0.0)
+    decode = cfg.decode if cfg.decode != "auto" else ("task" if gpus else "actor")
+    if cfg.actors:
+        actors = cfg.actors
+    elif gpus:
+        actors = max(1, int(cluster_gpus // gpus))
+    else:
+        spare = 1 if decode == "task" else 0  # leave a CPU for the decode tasks
+        actors = max(1, int((cluster_cpus - spare) // cfg.cpus_per_actor))
+    if actors * cfg.cpus_per_actor > cluster_cpus:
+        log.warning("%d actors x %g CPUs exceeds the cluster's %g CPUs: actors will wait for an autoscaler",
+                    actors, cfg.cpus_per_actor, cluster_cpus)
+    return Resources(actors, cfg.cpus_per_actor, gpus, decode)
+
+
+class ContractPredictor(Predictor):
+    """Predictor returning Arrow: Ray Data cannot convert the ragged `positive` lists from
+    numpy (it would pickle them), and the cast then runs in the actors, not on the driver."""
+
+    def __call__(self, batch: dict) -> pa.Table:
+        rows = super().__call__(batch)
+        schema = output_schema(self.prob_columns)
+        cols = {f.name: pa.array(list(rows[f.name]) if f.name == "positive" else rows[f.name], type=f.type,
+                                 from_pandas=True) for f in schema}
+        return to_contract(pa.table(cols), schema)
+
+
+def _one_cpu() -> dict:
+    return {"num_cpus": 1}
+
+
+def build_dataset(todo: pd.DataFrame, cfg: ScoreConfig, res: Resources, preprocess):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    # Blocks of a few batches: enough tasks to keep every actor busy, few enough to be cheap.
+    rows = max(cfg.batch_size, min(cfg.batch_size * 4, math.ceil(len(todo) / max(1, 4 * res.actors))))
+    ds = ray.data.from_pandas([todo.iloc[i : i + rows] for i in range(0, len(todo), rows)])
+    if res.decode == "task":
+        # ray_remote_args_fn keeps decoding a stage of its own: with equal resources Ray Data
+        # would fuse it into the actors, which is just decode="actor" with extra copies.
+        ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, num_cpus=1, ray_remote_args_fn=_one_cpu,
+                            fn_kwargs={"pre": preprocess, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes})
+    extra = {"num_gpus": res.gpus} if res.gpus else {}
+    return ds.map_batches(
+        ContractPredictor,
+        fn_constructor_kwargs={"artifact": storage.normalize(cfg.artifact), "device": "cuda" if res.gpus else "cpu",
+                               "num_threads": max(1, int(res.cpus)), "max_pixels": cfg.max_pixels,
+                               "max_bytes": cfg.max_bytes},
+        batch_size=cfg.batch_size,
+        compute=ActorPoolStrategy(size=res.actors),
+        num_cpus=res.cpus,
+        **extra,
+    )
+
+
+class Progress:
+    """tqdm on a terminal; a log line every 15 s otherwise (job logs, files)."""
+
+    def __init__(self, total: int, done_before: int):
+        self.total, self.n, self.t0, self.last = total, 0, time.perf_counter(), 0.0
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc="scoring", file=sys.stderr, smoothing=0.1)
+        log.info("scoring %d images (%d already in the output)", total, done_before)
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last >= 15 or self.n == self.total:
+            self.last = now
+            rate = self.n / max(now - self.t0, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            log.info("scored %d/%d images (%.1f img/s, ETA %s)", self.n, self.total, rate, _hms(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def _stream(ds) -> Iterator[pa.Table]:
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+
+
+def _run_pipeline(todo: pd.DataFrame, cfg: ScoreConfig, preprocess, writer: PartWriter,
+                  done_before: int) -> tuple[Resources | None, float]:
+    """Stream `todo` through the actors into `writer`; returns the resources used and the
+    seconds to the first result (mostly actor start-up: process, torch import, model)."""
+    import ray
+
+    if not len(todo):
+        return None, 0.0
+    cluster = ray.cluster_resources()
+    res = plan_resources(cfg, cluster.get("CPU", 1), cluster.get("GPU", 0))
+    log.info("%d actors x (%g CPU, %g GPU), decode in %ss, batch %d, chunks of %d",
+             res.actors, res.cpus, res.gpus, res.decode, cfg.batch_size, cfg.chunk_size)
+    progress = Progress(len(todo), done_before)
+    t0, first_result = time.perf_counter(), 0.0
+    try:
+        for batch in _stream(build_dataset(todo, cfg, res, preprocess)):
+            first_result = first_result or time.perf_counter() - t0
+            progress.update(writer.add(batch))
+    finally:
+        writer.flush()  # on failure (or SIGTERM) keep the rows already scored
+        progress.close()
+    return res, first_result
+
+
+def summarize(out: str, inputs: pd.DataFrame, model_id: str, writer: PartWriter, done_before: int,
+              wall: float) -> dict:
+    """The job summary, from the committed output as it now is (checked id for id against the input)."""
+    index = read_index(out)
+    check = check_output(index, inputs)
+    reasons = Counter(error_reason(e) for e in index["error"].dropna())
+    return {
+        "output": out, "model_id": model_id, "images": len(inputs), "rows": len(index),
+        "scored_this_run": writer.rows_written, "already_done": done_before,
+        "errors": int(sum(reasons.values())), "errors_by_reason": dict(sorted(reasons.items())),
+        "wall_s": round(wall, 3), "images_per_s": round(writer.rows_written / wall, 2) if wall > 0 else 0.0,
+        "parts": len(committed_parts(out)), "retried_rows_dropped": writer.duplicates,
+        "complete": not any(check.values()), **check,
+    }
+
+
+def error_reason(error: str) -> str:
+    return error.split(":", 1)[0].strip()
+
+
+def preflight(cfg: ScoreConfig) -> None:
+    """Everything that can fail before work starts: stores, buckets, credentials, the artifact."""
+    storage.check_store(cfg.out, what="--out")
+    storage.check_store(cfg.input, what="--input")
+    storage.check_store(cfg.artifact, what="--artifact")
+
+
+def score(cfg: ScoreConfig) -> dict:
+    """Run (or finish) one scoring job; returns the summary. Needs Ray initialised."""
+    from cxrray.artifact import read_meta
+
+    t0 = time.perf_counter()
+    preflight(cfg)
+    meta = read_meta(cfg.artifact)
+    schema = output_schema(meta.label_space.prob_columns)
+    out = storage.normalize(cfg.out)
+    inputs = list_inputs(cfg.input)
+    fp = fingerprint(inputs)
+    lock = OutputLock(out)
+    try:
+        state = scan_output(out, meta.model_id, schema, force_model=cfg.force_model)
+        stale = state.done - set(inputs["image_id"])
+        if stale:
+            raise OutputConflict(f"{out} has rows for {len(stale)} images not in this input (e.g. "
+                                 f"{sorted(stale)[0]!r}): the input changed; score into a new --out")
+        todo = inputs[~inputs["image_id"].isin(state.done)].reset_index(drop=True)
+        doc = read_manifest_json(out) or {
+            "model_id": meta.model_id, "architecture": meta.architecture,
+            "label_space": meta.label_space.to_dict(), "columns": schema.names, "runs": []}
+        doc["format"] = FORMAT
+        run_id = uuid.uuid4().hex[:12]
+        run = {"run": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "artifact": storage.normalize(cfg.artifact), "input": cfg.input, "images": len(inputs),
+               "input_fingerprint": fp, "chunk_size": cfg.chunk_size, "already_done": len(state.done),
+               "to_score": len(todo), "config": asdict(cfg)}
+        doc["runs"].append(run)
+        doc["complete"] = False
+        write_manifest_json(out, doc)
+        writer = PartWriter(out, todo["image_id"].tolist(), cfg.chunk_size, state.next_part, schema,
+                            meta.model_id, meta.label_space.to_dict(), run_id=run_id)
+        res, first_result = _run_pipeline(todo, cfg, meta.preprocess, writer, len(state.done))
+        summary = summarize(out, inputs, meta.model_id, writer, len(state.done), time.perf_counter() - t0)
+        summary.update(first_result_s=round(first_result, 3), resources=asdict(res) if res else None)
+        run.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), scored=writer.rows_written, wall_s=summary["wall_s"])
+        doc["complete"] = summary["complete"]
+        write_manifest_json(out, doc)
+        return summary
+    finally:
+        lock.release()
