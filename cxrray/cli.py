@@ -10,7 +10,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 log = logging.getLogger("cxrray")
@@ -71,12 +70,21 @@ def _source_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def skipped_path(manifest: str) -> str:
+    """manifest.parquet -> manifest.skipped.csv beside it (local or URI)."""
+    base, sep, query = manifest.partition("?")
+    return (base[: -len(".parquet")] if base.endswith(".parquet") else base) + ".skipped.csv" + sep + query
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
+    from cxrray import storage
     from cxrray.manifest import write_manifest
     from cxrray.sources import load_source
     from cxrray.splits import assign_splits, check_leakage
 
     start = time.time()
+    storage.check_store(args.out, what="--out")
+    storage.check_store(args.root, what="--root")
     res = load_source(args.source, args.root, **_source_options(args))
     df = res.manifest
     if args.split:
@@ -87,15 +95,16 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         leak = check_leakage(df, hash_images=not args.no_hash)
     out = write_manifest(df, res.label_space, args.out, info={"source": args.source, "root": str(args.root),
                                                                 "skipped": res.skipped.counts()})
+    skipped_csv = skipped_path(out)
     if len(res.skipped):
-        res.skipped.frame().to_csv(Path(out).with_suffix(".skipped.csv"), index=False)
+        storage.write_text(skipped_csv, res.skipped.frame().to_csv(index=False))
     splits = df["split"].value_counts(dropna=False).to_dict()
     human = [f"manifest {out}: {len(df)} images, {df['patient_id'].nunique()} patients, "
              f"{res.label_space.num_classes} classes ({res.label_space.task}) in {time.time() - start:.1f}s",
              f"  splits: {splits}",
              f"  skipped: {res.skipped.counts() or 'none'}"]
     if len(res.skipped):
-        human.append(f"  skipped rows listed in {Path(out).with_suffix('.skipped.csv')}")
+        human.append(f"  skipped rows listed in {skipped_csv}")
     if leak is not None:
         human.append("  leakage check: " + leak.summary())
     _emit(args, "\n".join(human), {"manifest": out, "n_images": len(df), "n_patients": int(df["patient_id"].nunique()),
@@ -282,12 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cxrray.storage import StorageError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, StorageError) as e:
         # User errors (bad CSV, missing column, wrong path) get one clear line, not a traceback.
         log.error("%s", e)
         if getattr(args, "json", False):

@@ -6,7 +6,6 @@ the model. Two inputs: raw files (decoded each epoch) or Parquet shards written 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,9 +16,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
+from cxrray import storage
 from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, load_image
 from cxrray.labels import LabelSpace
 from cxrray.transforms import Augment, Preprocess, preprocess_image, train_image
@@ -115,7 +114,7 @@ def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Aug
                           fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns)})
 
 
-def _read_shards(split_dir: Path, shuffle: str | None = None) -> ray.data.Dataset:
+def _read_shards(split_dir: str, shuffle: str | None = None) -> ray.data.Dataset:
     """read_parquet through Ray Data's V1 Parquet datasource.
 
     Since Ray 2.60 the default (V2) reader lists files on every execution, i.e. every epoch,
@@ -139,8 +138,8 @@ def shards_dataset(shards_dir: str | Path, split: str, space: LabelSpace, pre: P
                    aug: Augment | None, batch_size: int = 32, *, shuffle: bool = False) -> ray.data.Dataset:
     """Parquet shards -> batch dicts. shuffle (training): shard files in a new order every epoch;
     rows were shuffled when the shards were written, and the train loop's local buffer mixes."""
-    split_dir = Path(shards_dir) / split
-    if not split_dir.is_dir():
+    split_dir = storage.join(storage.normalize(shards_dir), split)
+    if not storage.is_dir(split_dir):
         raise FileNotFoundError(f"{split_dir}: no shards for split {split!r}; run `cxrray prepare` first")
     info = read_shard_info(shards_dir)
     if info["size"] < pre.size:
@@ -179,9 +178,7 @@ def _write_shard(rows: pd.DataFrame, space_cols: list[str], size: int, out_file:
         "size": pa.array([size] * len(kept), type=pa.int32()),
         **{c: pa.array(kept[c].to_numpy(np.float32)) for c in space_cols},
     })
-    tmp = out_file + ".tmp"
-    pq.write_table(table, tmp)
-    Path(tmp).rename(out_file)  # atomic: a crashed prepare never leaves half a shard
+    storage.write_parquet(table, out_file)  # atomic: a crashed prepare never leaves half a shard
     return len(kept), errors
 
 
@@ -193,19 +190,19 @@ def prepare_shards(df: pd.DataFrame, space: LabelSpace, out_dir: str | Path, *, 
     shards: a manifest in folder order would otherwise give single-class shards, which no
     file-level shuffle at training time can mix.
     """
-    out_dir = Path(out_dir)
+    out_dir = storage.normalize(out_dir)  # local, NFS or a bucket prefix
     write = ray.remote(num_cpus=1)(_write_shard)
     futures, meta = [], []
     for split, part in df.groupby(df["split"].fillna("unsplit")):
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
+        storage.makedirs(storage.join(out_dir, split))
         part = part.sample(frac=1.0, random_state=seed).reset_index(drop=True)
         for k, start in enumerate(range(0, len(part), rows_per_shard)):
-            out_file = out_dir / split / f"shard-{k:05d}.parquet"
+            out_file = storage.join(out_dir, split, f"shard-{k:05d}.parquet")
             rows = part.iloc[start:start + rows_per_shard]
-            if out_file.exists():
+            if storage.exists(out_file):
                 meta.append((split, len(rows), []))
                 continue
-            futures.append((split, write.remote(rows, list(space.columns), size, str(out_file))))
+            futures.append((split, write.remote(rows, list(space.columns), size, out_file)))
     done = 0
     from tqdm import tqdm
 
@@ -219,12 +216,12 @@ def prepare_shards(df: pd.DataFrame, space: LabelSpace, out_dir: str | Path, *, 
         images[split] = images.get(split, 0) + n
         errors[split] = errors.get(split, 0) + len(errs)
     info = ShardInfo(size, space.to_dict(), shards, images, errors)
-    (out_dir / SHARD_INFO).write_text(json.dumps(asdict(info), indent=2))
+    storage.write_json(storage.join(out_dir, SHARD_INFO), asdict(info))
     return info
 
 
 def read_shard_info(shards_dir: str | Path) -> dict:
-    path = Path(shards_dir) / SHARD_INFO
-    if not path.exists():
+    path = storage.join(storage.normalize(shards_dir), SHARD_INFO)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{path} missing: {shards_dir} was not written by `cxrray prepare`")
-    return json.loads(path.read_text())
+    return storage.read_json(path)

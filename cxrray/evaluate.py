@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cxrray import storage
 from cxrray.heads import eval_targets
 from cxrray.manifest import read_manifest
 from cxrray.metrics import Metrics, compute_metrics
@@ -79,17 +81,21 @@ def evaluate(artifact: str | Path, manifest: str | Path, out_dir: str | Path, *,
 
     targets = eval_targets(torch.from_numpy(rows[list(space.columns)].to_numpy(np.float32)[ok]), space).numpy()
     metrics = compute_metrics(space, targets, probs, thresholds=list(predictor.thresholds), bootstrap=bootstrap)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {"roc_curves": str(plot_roc_curves(space, targets, probs, metrics, out_dir / "roc_curves.png",
-                                                 title=f"ROC, {split} split"))}
-    curves = plot_training_curves(predictor.meta.summary.get("history", []), out_dir / "training_curves.png")
-    if curves:
-        outputs["training_curves"] = str(curves)
-    res = EvalResult(metrics, int(len(rows)), int((~ok).sum()), outputs, predictor.model_id)
-    outputs["json"] = str(out_dir / "metrics.json")
-    outputs["markdown"] = str(out_dir / "report.md")
-    (out_dir / "metrics.json").write_text(json.dumps(res.to_dict(), indent=2))
-    (out_dir / "report.md").write_text(markdown_report(res, split, str(manifest)))
+    out = storage.normalize(out_dir)
+    with tempfile.TemporaryDirectory(prefix="cxrray-eval-") as tmp:
+        # Written locally, then published file by file: out may be a bucket prefix.
+        local = Path(tmp)
+        files = {"roc_curves": plot_roc_curves(space, targets, probs, metrics, local / "roc_curves.png",
+                                               title=f"ROC, {split} split")}
+        curves = plot_training_curves(predictor.meta.summary.get("history", []), local / "training_curves.png")
+        if curves:
+            files["training_curves"] = curves
+        outputs = {k: storage.join(out, p.name) for k, p in files.items()}
+        res = EvalResult(metrics, int(len(rows)), int((~ok).sum()), outputs, predictor.model_id)
+        outputs["json"] = storage.join(out, "metrics.json")
+        outputs["markdown"] = storage.join(out, "report.md")
+        (local / "metrics.json").write_text(json.dumps(res.to_dict(), indent=2))
+        (local / "report.md").write_text(markdown_report(res, split, str(manifest)))
+        storage.upload_dir(local, out)
     log.info("evaluated %d images in %.1fs: mean AUROC %s", len(rows), time.time() - start, metrics.mean_auroc)
     return res

@@ -31,6 +31,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cxrray import storage
+
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
@@ -79,9 +81,7 @@ class ServeArgs:
         # A relative artifact path is relative to the directory the builder runs in (your
         # shell's for `serve run`); resolve it here so replicas, whose working directory Ray
         # chooses, load the same files.
-        path = Path(args["artifact"]).expanduser()
-        if "://" not in args["artifact"]:
-            args["artifact"] = str(path.resolve())
+        args["artifact"] = storage.normalize(args["artifact"])  # a URI stays as it is
         out = cls(**args)
         if out.max_batch_size < 1 or out.explain_max_batch_size < 1 or out.max_upload_bytes < 1:
             raise ValueError("batch sizes and max_upload_bytes must be >= 1")
@@ -450,8 +450,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     from cxrray.artifact import read_meta
 
     parsed = ServeArgs.from_dict(args)
-    if "://" not in parsed.artifact:
-        read_meta(parsed.artifact)
+    storage.check_store(parsed.artifact, what="artifact")
+    read_meta(parsed.artifact)  # local or URI: a wrong path fails here, not in every replica
     # serve.batch caps a batch at max_ongoing_requests: keep room for a full batch of each kind.
     options = {"max_ongoing_requests": max(32, 2 * parsed.max_batch_size)}
     options.update(parsed.deployment)
