@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from cxrray import storage
 from cxrray.labels import LabelSpace
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def sha1_file(path: str) -> str | None:
     """sha1 of a file's bytes, or None when it can't be read."""
     try:
         h = hashlib.sha1()
-        with open(path, "rb") as fh:
+        with (storage.open_input(path) if storage.is_uri(path) else open(path, "rb")) as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         return h.hexdigest()
