@@ -3,6 +3,7 @@
 environment that keeps the two apart, and stopping exactly this cluster's processes."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -71,19 +72,50 @@ class Head:
     env: dict
 
 
-def start_head(ray_tmp: Path, num_cpus: int = 4) -> Head:
+def _node_ports() -> dict[str, int]:
+    return {"--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+            "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
+            "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+
+
+def start_head(ray_tmp: Path, num_cpus: int = 4, resources: dict | None = None) -> Head:
     """`ray start --head` on 127.0.0.1 with every port free-picked (nothing collides with the
     session cluster or a neighbour's), dashboard on loopback. Stopped by the ray_tmp fixture."""
     env = cluster_env(ray_tmp)
     gcs, dash = free_port(), free_port()
-    ports = {"--port": gcs, "--dashboard-port": dash, "--ray-client-server-port": free_port(),
-             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
-             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+    ports = {"--port": gcs, "--dashboard-port": dash, "--ray-client-server-port": free_port(), **_node_ports()}
+    extra = [f"--resources={json.dumps(resources)}"] if resources else []
     start = subprocess.run([str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                             f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                            f"--temp-dir={ray_tmp}", "--disable-usage-stats",
+                            f"--temp-dir={ray_tmp}", "--disable-usage-stats", *extra,
                             *[f"{k}={v}" for k, v in ports.items()]],
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
     return Head(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", env)
+
+
+def start_node(head: Head, temp_dir: Path, num_cpus: int, resources: dict | None = None) -> None:
+    """A second node: its own `ray start --address` processes, own temp dir, own CPUs and a
+    custom resource, on loopback. Stop it with kill_processes_under(temp_dir)."""
+    extra = [f"--resources={json.dumps(resources)}"] if resources else []
+    start = subprocess.run([str(VENV_BIN / "ray"), "start", f"--address={head.gcs_address}",
+                            "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+                            "--disable-usage-stats", *extra, *[f"{k}={v}" for k, v in _node_ports().items()]],
+                           env={**head.env, "RAY_TMPDIR": str(temp_dir)}, capture_output=True, text=True,
+                           timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+
+
+def pids_under(temp_dir: Path, name: str = "") -> list[int]:
+    """Processes whose command line names `temp_dir` (and `name`, e.g. 'raylet')."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(temp_dir).encode() in cmdline and name.encode() in cmdline:
+            out.append(int(proc.name))
+    return out
