@@ -8,12 +8,14 @@ individual subcommands run; this module only chains them and keeps the receipts.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from cxrray import storage
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class Stage:
             log.info("[%d/7] %s done in %.1fs", self.k, self.title, dt)
 
 
-def _dataset(cfg: DemoConfig, out: Path, s: DemoSummary):
+def _dataset(cfg: DemoConfig, out: str, s: DemoSummary):
     """Returns (manifest path, label names or None, loss) for the chosen source."""
     from cxrray.manifest import write_manifest
     from cxrray.sources import load_source
@@ -96,11 +98,16 @@ def _dataset(cfg: DemoConfig, out: Path, s: DemoSummary):
     if cfg.source == "synthetic":
         from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
 
-        with Stage(s, 1, "generate synthetic chest X-rays"):
-            syn = write_synthetic_chexpert(out / "synthetic", SynthConfig(n_patients=cfg.n_patients, size=cfg.size,
-                                                                         seed=cfg.seed), progress=True)
-            s.outputs["synthetic data"] = str(syn.root)
-        root, options = out / "synthetic", {"views": ["frontal"], "official_split": False, "uncertainty": "U-Ones"}
+        root = storage.join(out, "synthetic")
+        with Stage(s, 1, "generate synthetic chest X-rays"), tempfile.TemporaryDirectory(prefix="cxrray-syn-") as tmp:
+            # Rendered on local disk, then published: --out may be a bucket prefix.
+            local = Path(root) if not storage.is_uri(root) else Path(tmp)
+            syn = write_synthetic_chexpert(local, SynthConfig(n_patients=cfg.n_patients, size=cfg.size,
+                                                              seed=cfg.seed), progress=True)
+            if storage.is_uri(root):
+                storage.upload_dir(local, root)
+            s.outputs["synthetic data"] = storage.join(root, Path(syn.root).name)
+        options = {"views": ["frontal"], "official_split": False, "uncertainty": "U-Ones"}
     else:
         if not cfg.root:
             raise ValueError(f"--source {cfg.source} needs --root (the dataset folder)")
@@ -113,7 +120,7 @@ def _dataset(cfg: DemoConfig, out: Path, s: DemoSummary):
                            respect_existing=res.manifest["split"].notna().any())
         leak = check_leakage(df)
         log.info("%s", leak.summary())
-        path = write_manifest(df, res.label_space, out / "manifest.parquet", info={"source": cfg.source})
+        path = write_manifest(df, res.label_space, storage.join(out, "manifest.parquet"), info={"source": cfg.source})
         s.outputs["manifest"] = str(path)
     # small_cnn from scratch learns the synthetic findings fastest with plain BCE at 1e-3
     # (jobs/configs/synthetic_demo.yaml says the same); multi-class sources need CE.
@@ -121,30 +128,29 @@ def _dataset(cfg: DemoConfig, out: Path, s: DemoSummary):
     return path, loss
 
 
-def _serve_round_trip(artifact: Path, image_path: str, out: Path, s: DemoSummary, port: int) -> str:
+def _serve_round_trip(artifact: str, image_path: str, out: str, s: DemoSummary, port: int) -> str:
     import requests
 
     from cxrray import serve
 
     url = serve.run_server(str(artifact), port=port, blocking=False)
-    data = Path(image_path).read_bytes()
+    data = storage.read_bytes(image_path)
     latencies = []
     for _ in range(10):
         t = time.perf_counter()
         r = requests.post(f"{url}/predict", data=data, timeout=60)
         r.raise_for_status()
         latencies.append((time.perf_counter() - t) * 1000)
-    (out / "predict.json").write_text(json.dumps(r.json(), indent=2))
+    storage.write_json(storage.join(out, "predict.json"), r.json())
     t = time.perf_counter()
     r = requests.post(f"{url}/explain", data=data, timeout=120)
     r.raise_for_status()
     s.explain_latency_ms = (time.perf_counter() - t) * 1000
     explained = r.json()
     target, first = next(iter(explained["explanations"].items()))
-    overlay = out / "gradcam_overlay.png"
-    overlay.write_bytes(base64.b64decode(first["overlay_png_base64"]))
+    overlay = storage.write_bytes(storage.join(out, "gradcam_overlay.png"), base64.b64decode(first["overlay_png_base64"]))
     s.predict_latency_ms_p50 = statistics.median(latencies)
-    s.outputs["predict response"] = str(out / "predict.json")
+    s.outputs["predict response"] = storage.join(out, "predict.json")
     s.outputs["Grad-CAM overlay"] = f"{overlay} ({target})"
     return url
 
@@ -158,9 +164,10 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
     from cxrray.train import init_ray, train
 
     start = time.time()
-    out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    s = DemoSummary(str(out))
+    out = storage.normalize(cfg.out)  # a local folder or a bucket prefix (s3://...)
+    storage.check_store(out, what="--out")
+    storage.makedirs(out)
+    s = DemoSummary(out)
     started_ray = init_ray(None, cfg.num_workers + 2)
     try:
         manifest, loss = _dataset(cfg, out, s)
@@ -168,24 +175,24 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
             tcfg = build(TrainConfig, {
                 "manifest": str(manifest), "model": cfg.model, "image_size": cfg.size, "channels": 1,
                 "epochs": cfg.epochs, "batch_size": 16, "lr": 1e-3, "loss": loss, "run_name": "demo",
-                "storage_path": str(out / "runs"), "num_workers": cfg.num_workers, "seed": cfg.seed,
+                "storage_path": storage.join(out, "runs"), "num_workers": cfg.num_workers, "seed": cfg.seed,
                 "labels": None, "max_failures": 1})
             res = train(tcfg)
             s.val_mean_auroc = res.best_val_mean_auroc
             s.outputs["artifact"] = str(res.best_artifact)
         with Stage(s, 4, "evaluate on the test split"):
-            ev = evaluate(res.best_artifact, manifest, out / "evaluation", split="test", bootstrap=500)
+            ev = evaluate(res.best_artifact, manifest, storage.join(out, "evaluation"), split="test", bootstrap=500)
             s.mean_auroc = ev.metrics.mean_auroc
             s.outputs["ROC curves"] = ev.outputs["roc_curves"]
             s.outputs["report"] = ev.outputs["markdown"]
         with Stage(s, 5, "bulk-score the test split to Parquet"):
-            import pandas as pd
+            from cxrray.manifest import read_manifest
 
-            df = pd.read_parquet(manifest)
+            df, _ = read_manifest(manifest)
             test = df[df["split"] == "test"][["image_id", "path"]]
-            test.to_csv(out / "test_inputs.csv", index=False)
-            summ = score(ScoreConfig(artifact=str(res.best_artifact), input=str(out / "test_inputs.csv"),
-                                     out=str(out / "predictions"), actors=cfg.score_actors))
+            inputs_csv = storage.write_text(storage.join(out, "test_inputs.csv"), test.to_csv(index=False))
+            summ = score(ScoreConfig(artifact=str(res.best_artifact), input=inputs_csv,
+                                     out=storage.join(out, "predictions"), actors=cfg.score_actors))
             s.images_scored, s.score_errors = summ["rows"], summ["errors"]
             s.score_images_per_s = summ["images_per_s"]
             s.outputs["predictions"] = summ["output"]
@@ -194,7 +201,7 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
             if cfg.keep_serving:
                 s.url = url
         s.seconds = time.time() - start
-        (out / "summary.json").write_text(json.dumps(s.to_dict(), indent=2, default=str))
+        storage.write_json(storage.join(out, "summary.json"), s.to_dict())
         if cfg.keep_serving:
             log.info("Serve keeps running at %s (web page); Ctrl-C to stop", s.url)
             print(s.human(), flush=True)

@@ -241,3 +241,26 @@ def test_sigkill_of_the_scoring_driver_on_s3_then_rerun_gives_one_row_per_image(
     assert sorted(n.replace(".parquet", ".json") for n in names) == sorted(
         r.split("/", 1)[1] for r, _ in storage.list_files(out) if r.startswith(COMMITS + "/"))
     assert not storage.exists(f"{out}/_lock.json")  # the finished run released its lease
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_demo_writes_every_output_to_the_bucket(ray_session, s3_bucket, tmp_path: Path, monkeypatch) -> None:
+    from cxrray.score import read_predictions
+    from tests.clusters import free_port
+
+    monkeypatch.chdir(tmp_path)
+    out = f"{s3_bucket}/demo"
+    buf = io.StringIO()
+    from contextlib import redirect_stdout
+
+    with redirect_stdout(buf):
+        rc = main(["demo", "--out", out, "--n-patients", "80", "--size", "32", "--epochs", "1",
+                   "--port", str(free_port()), "--json"])
+    assert rc == 0
+    summary = last_json(buf.getvalue())
+    files = {r for r, _ in storage.list_files(out)}
+    assert {"manifest.parquet", "summary.json", "predict.json", "gradcam_overlay.png", "evaluation/metrics.json",
+            "runs/demo/artifacts/best/model.json", "synthetic/CheXpert-v1.0-small/train.csv"} <= files
+    assert len(read_predictions(f"{out}/predictions")) == summary["images_scored"] > 0
+    assert uri_like_dirs(tmp_path) == [] and os.listdir(tmp_path) == []  # nothing landed in the cwd
