@@ -5,6 +5,10 @@ Every failure is an `ImageError` subclass with a short `reason` code (`missing`,
 `"<source>: <what is wrong>"`, so batch scoring can write an error row and the HTTP server
 can pick a status code without parsing text. The format comes from magic bytes only, never
 from the file name. Sizes are checked from the header before any pixel is decoded.
+DICOM (with or without the 128-byte preamble) is decoded by `cxrray.dicom`.
+
+`decode_bytes`/`load_image` return the array; `decode_bytes_info`/`load_image_info` return a
+`DecodedImage` that also carries warnings (e.g. `multi_frame`) and the DICOM identity.
 
 Pure: numpy, Pillow and pydicom (pyarrow, lazily, for URIs). No Ray, no torch.
 """
@@ -15,14 +19,11 @@ import logging
 import os
 import struct
 import zlib
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
-import pydicom
 from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
-from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
-from pydicom.uid import UID
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, _PNG_SIGNATURE, "png"),
     (0, b"\xff\xd8\xff", "jpeg"),
-    (128, b"DICM", "dicom"),  # after the 128-byte preamble; preamble-less DICOM is not accepted
+    (128, b"DICM", "dicom"),  # after the 128-byte preamble; preamble-less: see bare_dicom_start
     (0, b"GIF87a", "gif"),
     (0, b"GIF89a", "gif"),
     (0, b"II*\x00", "tiff"),
@@ -121,7 +122,54 @@ def sniff_format(data: bytes) -> str | None:
         return "webp"
     if data[4:8] == b"ftyp":
         return _FTYP_BRANDS.get(data[8:12])
+    if bare_dicom_start(data) is not None:
+        return "dicom"
     return None
+
+
+_EXPLICIT_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # 2 reserved bytes, 4-byte length
+
+
+def bare_dicom_start(data: bytes) -> int | None:
+    """Offset (0, or 1 after one stray byte) of a DICOM data set written without preamble, or None.
+
+    The first three elements must parse, in ascending tag order, starting in group 0002 (file
+    meta) or 0008 (identification, where every data set starts), as implicit VR little endian
+    or explicit VR in either byte order. Text never starts with such bytes, and noise rarely does.
+    """
+    for start in (0, 1):
+        for endian in "<>":
+            if _elements_parse(data, start, endian):
+                return start
+    return None
+
+
+def _elements_parse(data: bytes, pos: int, endian: str, want: int = 3) -> bool:
+    prev = -1
+    for n in range(want):
+        if pos + 8 > len(data):
+            return n > 0 and pos == len(data)  # a tiny but complete data set
+        group, elem = struct.unpack_from(endian + "HH", data, pos)
+        tag = group << 16 | elem
+        if tag <= prev or (n == 0 and group not in (0x0002, 0x0008)):
+            return False
+        vr = data[pos + 4 : pos + 6]
+        if vr in _LONG_VRS and data[pos + 6 : pos + 8] == b"\x00\x00" and pos + 12 <= len(data):
+            (length,), header = struct.unpack_from(endian + "I", data, pos + 8), 12
+        elif vr in _EXPLICIT_VRS:
+            (length,), header = struct.unpack_from(endian + "H", data, pos + 6), 8
+        elif endian == "<":  # implicit VR exists only in little endian
+            (length,), header = struct.unpack_from("<I", data, pos + 4), 8
+        else:
+            return False
+        if length == 0xFFFFFFFF:  # undefined-length sequence: cannot skip it, but it parsed
+            return n > 0
+        pos += header + length
+        prev = tag
+    return True
 
 
 def _require_supported(data: bytes, source: str) -> str:
@@ -143,16 +191,42 @@ def _require_supported(data: bytes, source: str) -> str:
 # ---------------------------------------------------------------------------- public API
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image and what a caller may want to record about it.
+
+    `warnings` holds codes from `cxrray.dicom.WARNINGS` (`multi_frame`, `window_missing`, ...);
+    `dicom` the DICOM identity (`cxrray.dicom.IDENTITY_KEYWORDS`: study/series/SOP instance UIDs,
+    Modality, ViewPosition, BodyPartExamined, PhotometricInterpretation, TransferSyntaxUID), empty
+    for PNG/JPEG. No patient attribute (name, ID, birth date) is ever read into it.
+    """
+
+    pixels: np.ndarray  # float32 (H, W) in [0, 1]
+    format: str  # "png", "jpeg" or "dicom"
+    warnings: list[str] = field(default_factory=list)
+    dicom: dict[str, str] = field(default_factory=dict)
+    frames: int = 1  # frames in the file; only the first is decoded
+
+
 def decode_bytes(
     data: bytes, *, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
     """Decode PNG/JPEG/DICOM bytes to a float32 (H, W) array in [0, 1]; raise ImageError."""
+    return decode_bytes_info(data, source=source, max_pixels=max_pixels).pixels
+
+
+def decode_bytes_info(
+    data: bytes, *, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> DecodedImage:
+    """decode_bytes, returning the pixels with their warnings and DICOM identity."""
     if not isinstance(data, bytes):
         data = bytes(data)  # bytearray / memoryview from callers; slicing below needs bytes
     fmt = _require_supported(data, source)
     if fmt == "dicom":
-        return _decode_dicom(data, source, max_pixels)
-    return _decode_pil(data, fmt, source, max_pixels)
+        from cxrray.dicom import decode_dicom  # here: cxrray.dicom imports this module
+
+        return decode_dicom(data, source, max_pixels)
+    return DecodedImage(pixels=_decode_pil(data, fmt, source, max_pixels), format=fmt)
 
 
 def read_bytes(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
@@ -185,8 +259,18 @@ def load_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> np.ndarray:
     """read_bytes + decode_bytes, with errors naming `path`."""
+    return load_image_info(path, max_pixels=max_pixels, max_bytes=max_bytes).pixels
+
+
+def load_image_info(
+    path: str | os.PathLike[str],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> DecodedImage:
+    """read_bytes + decode_bytes_info, with errors naming `path`."""
     data = read_bytes(path, max_bytes=max_bytes)
-    return decode_bytes(data, source=os.fspath(path), max_pixels=max_pixels)
+    return decode_bytes_info(data, source=os.fspath(path), max_pixels=max_pixels)
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
@@ -302,134 +386,3 @@ def _png_truncation(data: bytes) -> str | None:
             )
         pos = end
     return f"truncated PNG (read {len(data):,} bytes; no IEND chunk)"
-
-
-# ---------------------------------------------------------------------------- DICOM
-
-_PIXEL_DATA = 0x7FE00010
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD), ends encapsulated pixel data
-_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as PIL uses for PNG/JPEG
-def _decode_dicom(data: bytes, source: str, max_pixels: int) -> np.ndarray:
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        _check_dicom_complete(ds, data, source)
-        _check_dicom_size(ds, source, max_pixels)
-        arr = _dicom_first_frame(ds, data, source)
-        return _dicom_to_unit(arr, ds, source)
-    except (ImageError, MemoryError):
-        raise
-    except Exception as e:  # noqa: BLE001
-        # pydicom converts elements lazily, so one bad value can surface as almost any error.
-        logger.debug("%s: DICOM decode failed", source, exc_info=True)
-        raise CorruptImage(source, f"corrupt DICOM ({type(e).__name__}: {e})") from e
-
-
-def _check_dicom_complete(ds: Dataset, data: bytes, source: str) -> None:
-    """Raise unless `ds` has a transfer syntax and all of its pixel data (touches no pixels)."""
-    # pydicom reads a cut file without complaint: it drops or shortens the last element.
-    read = f"read {len(data):,} bytes"
-    if "TransferSyntaxUID" not in ds.file_meta:
-        if len(ds.file_meta) == 0:  # not even one group-2 element: garbage after "DICM"
-            raise CorruptImage(source, "corrupt DICOM (no readable file meta information)")
-        raise TruncatedImage(source, f"truncated DICOM ({read}; file meta cut short)")
-    if _PIXEL_DATA not in ds:
-        if len(ds) == 0 or "Rows" in ds:
-            detail = f"truncated DICOM ({read}; file ends before its pixel data is complete)"
-            raise TruncatedImage(source, detail)
-        sop = UID(str(ds.get("SOPClassUID", "")))
-        raise NotAnImage(source, f"DICOM object without pixel data (SOP class {sop.name or 'unknown'})")
-    raw = ds.get_item(_PIXEL_DATA)
-    tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", _UNDEFINED_LENGTH)
-    if tell is not None and length != _UNDEFINED_LENGTH and tell + length > len(data):
-        raise TruncatedImage(source, f"truncated DICOM (read {len(data):,} of {tell + length:,} bytes)")
-
-
-def _check_dicom_size(ds: Dataset, source: str, max_pixels: int) -> None:
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if rows <= 0 or cols <= 0:
-        raise CorruptImage(source, f"DICOM pixel data with invalid Rows/Columns ({rows}x{cols})")
-    _check_pixels(source, "DICOM", cols, rows, max_pixels)
-
-
-def _dicom_first_frame(ds: Dataset, data: bytes, source: str) -> np.ndarray:
-    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
-    _require_dicom_decoder(syntax, source)
-    try:
-        # Only frame 0: radiographs are single-frame; a multi-frame object must not
-        # allocate every frame just to be reduced to one.
-        return pydicom.pixels.pixel_array(ds, index=0)
-    except (ValueError, RuntimeError, OSError, EOFError, KeyError, struct.error) as e:
-        if syntax.is_compressed and _SEQUENCE_DELIMITER not in data[-64:]:
-            detail = f"truncated DICOM (read {len(data):,} bytes; encapsulated pixel data not closed)"
-            raise TruncatedImage(source, detail) from e
-        raise CorruptImage(source, f"corrupt DICOM pixel data ({e})") from e
-
-
-def _require_dicom_decoder(syntax: UID, source: str) -> None:
-    try:
-        decoder = get_decoder(syntax)
-    except NotImplementedError:
-        raise UnsupportedFormat(
-            source, f"DICOM transfer syntax {syntax.name or syntax} has no pixel decoder in pydicom"
-        ) from None
-    if not decoder.is_available:
-        needs = "; ".join(decoder.missing_dependencies) or "an extra plugin"
-        raise UnsupportedFormat(
-            source,
-            f"DICOM transfer syntax {syntax.name} ({syntax}) is compressed and no installed "
-            f"plugin decodes it; install one of: {needs}",
-        )
-
-
-def _dicom_to_unit(arr: np.ndarray, ds: Dataset, source: str) -> np.ndarray:
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    if photometric == "PALETTE COLOR":
-        raise UnsupportedFormat(source, "PALETTE COLOR DICOM; radiographs are monochrome")
-    if arr.ndim == 3:
-        # pydicom already converted YBR to RGB; colour DICOM carries no modality/VOI LUT.
-        full_scale = 2 ** int(ds.get("BitsStored", 8)) - 1
-        out = (arr @ _LUMA) / full_scale
-    else:
-        out = _grayscale_to_unit(arr, ds, source)
-        if photometric == "MONOCHROME1":
-            out = 1.0 - out  # MONOCHROME1 stores bone dark; flip so bone is bright
-    out = np.nan_to_num(np.asarray(out, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
-def _grayscale_to_unit(arr: np.ndarray, ds: Dataset, source: str) -> np.ndarray:
-    """Modality LUT (rescale), then VOI LUT or window, then [0, 1] over the displayed range."""
-    values = apply_modality_lut(arr, ds)
-    try:
-        windowed = _voi_to_unit(values, ds)
-    except (ValueError, TypeError, IndexError, KeyError, AttributeError, NotImplementedError) as e:
-        logger.warning("%s: ignoring unusable VOI LUT/window (%s); using min-max", source, e)
-        windowed = None
-    return windowed if windowed is not None else _min_max(values)
-
-
-def _voi_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
-    """Apply the VOI LUT (preferred, as pydicom does) or window, scaled by its output range."""
-    if ds.get("VOILUTSequence"):  # an empty sequence means "no LUT", as in pydicom
-        n_entries, first, _bits = ds.VOILUTSequence[0].LUTDescriptor
-        if values.dtype.kind == "f":  # a LUT is indexed by integers; pydicom warns on floats
-            values = np.rint(values).astype(np.int64)
-        out = apply_voi(values, ds)
-        full = apply_voi(np.arange(first, first + (n_entries or 65536)), ds)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        out = apply_windowing(values, ds)
-        # pydicom clamps outside the window to an output range that depends on BitsStored,
-        # PixelRepresentation and the rescale; probing far outside it reads that range back.
-        full = apply_windowing(np.array([-1e12, 1e12]), ds)
-    else:
-        return None
-    lo, hi = float(np.min(full)), float(np.max(full))
-    return (out - lo) / (hi - lo) if hi > lo else None
-
-
-def _min_max(values: np.ndarray) -> np.ndarray:
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        return np.zeros(values.shape, dtype=np.float32)  # constant image: black, not NaN
-    return (values - lo) / (hi - lo)
