@@ -288,13 +288,15 @@ def _check_bytes(source: str, size: int, max_bytes: int) -> None:
 
 def _read_uri(uri: str, max_bytes: int) -> bytes:
     # Imported here: pyarrow takes a noticeable time to import and local paths never need it.
-    import pyarrow as pa
     import pyarrow.fs as pafs
 
+    from cxrray import storage
+
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except pa.ArrowInvalid as e:
-        raise MissingFile(uri, f"cannot open this URI ({e})") from e
+        # storage caches one filesystem per bucket: building one per image costs a round trip.
+        fs, path = storage.filesystem(uri)
+    except storage.StorageError as e:
+        raise MissingFile(uri, str(e)) from e
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise MissingFile(uri, "no such file")

@@ -266,16 +266,22 @@ def init_ray(address: str | None, worker_cpus: int) -> bool:
     return True
 
 
-def warn_if_storage_not_shared(cfg: TrainConfig) -> None:
+def shared_storage_warning(storage_path: str, alive_nodes: int) -> str | None:
     """Ray Train needs storage every node can reach; a local path is only that on one node
     (or on an NFS mount, which cxrray cannot tell from a local disk)."""
+    if alive_nodes <= 1 or storage.is_uri(storage_path):
+        return None
+    return (f"storage_path {storage.normalize(storage_path)} is a local path but the cluster has {alive_nodes} "
+            "nodes: checkpoints and artifacts are shared only if it is a shared mount (NFS) on every node; "
+            "otherwise use s3://... or gs://...")
+
+
+def warn_if_storage_not_shared(cfg: TrainConfig) -> None:
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and not storage.is_uri(cfg.storage_path):
-        log.warning("storage_path %s is a local path but the cluster has %d nodes: checkpoints and artifacts "
-                    "are shared only if it is a shared mount (NFS) on every node; otherwise use s3://... or "
-                    "gs://...", cfg.resolved_storage(), len(nodes))
+    warning = shared_storage_warning(cfg.storage_path, sum(1 for n in ray.nodes() if n.get("Alive")))
+    if warning:
+        log.warning("%s", warning)
 
 
 def use_gpu(cfg: TrainConfig) -> bool:

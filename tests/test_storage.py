@@ -128,3 +128,12 @@ def test_artifacts_publish_to_a_bucket_and_load_through_the_cache(s3_bucket, tmp
 
     with pytest.raises(ArtifactError, match="never matched the sha256"):
         localize(uri, attempts=2)
+
+
+def test_a_local_storage_path_on_several_nodes_is_warned_about(tmp_path: Path) -> None:
+    from cxrray.train import shared_storage_warning
+
+    assert shared_storage_warning(str(tmp_path), 1) is None  # one node: its disk is the cluster's
+    assert shared_storage_warning("s3://b/runs", 3) is None
+    msg = shared_storage_warning(str(tmp_path / "runs"), 2)
+    assert msg and str(tmp_path / "runs") in msg and "2 nodes" in msg and "s3://" in msg
