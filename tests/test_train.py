@@ -138,7 +138,7 @@ def test_evaluating_the_artifact_reproduces_the_training_time_auroc(quality_run,
     from cxrray.evaluate import evaluate
 
     cfg, res = quality_run
-    meta = json.loads((res.best_artifact / "model.json").read_text())
+    meta = json.loads((Path(res.best_artifact) / "model.json").read_text())
     best_row = next(r for r in res.history if r["epoch"] == meta["summary"]["best_epoch"])
     ev = evaluate(res.best_artifact, cfg.manifest, tmp_path / "eval", split="valid", bootstrap=0)
     assert ev.n_images == meta["summary"]["n_valid"] and ev.n_errors == 0
