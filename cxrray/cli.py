@@ -167,7 +167,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cxrray.evaluate import evaluate
 
-    res = evaluate(args.artifact, args.manifest, args.out, split=args.split, bootstrap=args.bootstrap)
+    res = evaluate(args.artifact, args.manifest, args.out, split=args.split, bootstrap=args.bootstrap,
+                   gallery_k=args.gallery_k)
     m = res.metrics
     lines = [f"evaluated model {res.model_id} on {res.n_images} {args.split} images ({res.n_errors} unreadable)",
              f"  mean AUROC: {m.mean_auroc:.4f}" if m.mean_auroc is not None else "  mean AUROC: n/a"]
@@ -177,6 +178,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ci = f" [{c.auroc_ci[0]:.3f}, {c.auroc_ci[1]:.3f}]" if c.auroc_ci else ""
         lines.append(f"  {c.name:28s} AUROC {c.auroc:.3f}{ci}" if c.auroc is not None else f"  {c.name:28s} {c.note}")
     lines.append(f"  report: {res.outputs['markdown']}  ROC curves: {res.outputs['roc_curves']}")
+    gallery = [v for k, v in res.outputs.items() if k.startswith("gradcam_gallery_")]
+    if gallery:
+        lines.append(f"  Grad-CAM gallery: {len(gallery)} PNGs, e.g. {gallery[0]}")
     _emit(args, "\n".join(lines), res.to_dict())
     return 0
 
@@ -277,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test")
     e.add_argument("--out", required=True)
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUROC CIs (0: none)")
+    e.add_argument("--gallery-k", type=int, default=4,
+                   help="Grad-CAM gallery: top-k true and false positives per class (0: no gallery)")
 
     from cxrray import score as score_mod  # light at import: its Ray/torch work is lazy
 

@@ -185,6 +185,9 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
             s.mean_auroc = ev.metrics.mean_auroc
             s.outputs["ROC curves"] = ev.outputs["roc_curves"]
             s.outputs["report"] = ev.outputs["markdown"]
+            gallery = [v for k, v in ev.outputs.items() if k.startswith("gradcam_gallery_")]
+            if gallery:
+                s.outputs["Grad-CAM gallery"] = f"{len(gallery)} PNGs, e.g. {gallery[0]}"
         with Stage(s, 5, "bulk-score the test split to Parquet"):
             from cxrray.manifest import read_manifest
 

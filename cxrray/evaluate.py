@@ -1,5 +1,5 @@
 """Evaluate an artifact on a manifest split: AUROC with bootstrap CIs, operating points at the
-stored thresholds, ROC and training curves, a JSON and a Markdown report."""
+stored thresholds, ROC and training curves, a Grad-CAM gallery, a JSON and a Markdown report."""
 from __future__ import annotations
 
 import json
@@ -8,11 +8,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from cxrray import storage
+from cxrray.gallery import gradcam_gallery
 from cxrray.heads import eval_targets
+from cxrray.labels import sanitize
 from cxrray.manifest import read_manifest
 from cxrray.metrics import Metrics, compute_metrics
 from cxrray.predict import Predictor, predict_paths
@@ -37,7 +40,8 @@ class EvalResult:
                                        "specificity": c.specificity, "f1": c.f1} for c in self.metrics.per_class}}
 
 
-def markdown_report(res: EvalResult, split: str, manifest: str) -> str:
+def markdown_report(res: EvalResult, split: str, manifest: str, gallery: Sequence[tuple[str, str]] = ()) -> str:
+    """The report; `gallery` lists (class, PNG file name) pairs of the Grad-CAM gallery."""
     m = res.metrics
     lines = [f"# Evaluation of model {res.model_id}", "",
              f"Manifest `{manifest}`, split `{split}`: {res.n_images} images ({res.n_errors} unreadable).", "",
@@ -59,12 +63,21 @@ def markdown_report(res: EvalResult, split: str, manifest: str) -> str:
         lines += ["", "Confusion matrix (rows: truth, columns: prediction):", "", "```"]
         lines += ["  ".join(f"{v:6d}" for v in row) for row in m.confusion] + ["```"]
     lines += ["", "![ROC curves](roc_curves.png)", "", "![Training curves](training_curves.png)", ""]
+    if gallery:
+        lines += ["## Grad-CAM gallery", "",
+                  f"Per class, the most confident true positives (top row) and false positives (bottom row) "
+                  f"of the `{split}` split at the stored operating point, with that class's Grad-CAM.", ""]
+        for name, file in gallery:
+            lines += [f"### {name}", "", f"![Grad-CAM gallery: {name}]({file})", ""]
     return "\n".join(lines)
 
 
 def evaluate(artifact: str | Path, manifest: str | Path, out_dir: str | Path, *, split: str = "test",
-             bootstrap: int = 1000, batch_size: int = 64) -> EvalResult:
+             bootstrap: int = 1000, batch_size: int = 64, gallery_k: int = 4) -> EvalResult:
+    """gallery_k: true and false positives per class in the Grad-CAM gallery (0: no gallery)."""
     start = time.time()
+    for what, path in (("--artifact", artifact), ("--manifest", manifest), ("--out", out_dir)):
+        storage.check_store(path, what=what)  # a missing bucket is one line, before any work
     predictor = Predictor(artifact)
     df, manifest_space = read_manifest(manifest)
     space = predictor.label_space
@@ -90,12 +103,19 @@ def evaluate(artifact: str | Path, manifest: str | Path, out_dir: str | Path, *,
         curves = plot_training_curves(predictor.meta.summary.get("history", []), local / "training_curves.png")
         if curves:
             files["training_curves"] = curves
+        gallery = []
+        if gallery_k > 0:
+            paths = rows["path"].to_numpy()[ok].tolist()
+            for name, png in zip(space.names, gradcam_gallery(predictor, paths, targets, probs, local,
+                                                              k=gallery_k, split=split)):
+                files[f"gradcam_gallery_{sanitize(name)}"] = png
+                gallery.append((name, png.name))
         outputs = {k: storage.join(out, p.name) for k, p in files.items()}
         res = EvalResult(metrics, int(len(rows)), int((~ok).sum()), outputs, predictor.model_id)
         outputs["json"] = storage.join(out, "metrics.json")
         outputs["markdown"] = storage.join(out, "report.md")
         (local / "metrics.json").write_text(json.dumps(res.to_dict(), indent=2))
-        (local / "report.md").write_text(markdown_report(res, split, str(manifest)))
+        (local / "report.md").write_text(markdown_report(res, split, str(manifest), gallery))
         storage.upload_dir(local, out)
     log.info("evaluated %d images in %.1fs: mean AUROC %s", len(rows), time.time() - start, metrics.mean_auroc)
     return res

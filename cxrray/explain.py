@@ -8,10 +8,16 @@ serving code never hard-codes an architecture.
 Maps are normalised per image by their maximum (after the ReLU the minimum is already >= 0),
 so 0 means "no positive evidence" and 1 the strongest evidence in that image; an all-zero
 map stays all zero rather than being stretched into noise.
+
+Overlays are drawn on the decoded upload at its own resolution (capped by `max_side`), not on
+the small model input: `render_overlay` stretches the layer's low-resolution map onto the
+picture, which is the exact inverse of the preprocessing (`transforms.preprocess_image`
+squashes the whole image into the S x S input: no padding, no crop).
 """
 from __future__ import annotations
 
-import io
+import struct
+import zlib
 from functools import lru_cache
 from typing import Sequence
 
@@ -20,9 +26,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cxrray.imaging import to_uint8
 from cxrray.labels import LabelSpace
 
 _EPS = 1e-12
+# zlib level for overlay PNGs: 1 encodes a 1024 px overlay several times faster than the
+# usual 6 for ~15% more bytes, the better trade on an interactive endpoint.
+_PNG_LEVEL = 1
 
 
 def logit_index(space: LabelSpace, class_index: int) -> int:
@@ -110,13 +120,27 @@ def _colormap(name: str) -> np.ndarray:
     return lut
 
 
+@lru_cache(maxsize=8)
+def _blend_lut(cmap: str, alpha: float) -> np.ndarray:
+    """[256 heat levels, 256 grey levels, 3] uint8: every blend precomputed once, so an overlay
+    of a 1024 px picture is one table lookup instead of float arithmetic on 3 M values."""
+    heat = np.arange(256, dtype=np.float32) / 255.0
+    w = (alpha * heat)[:, None, None]
+    grey = np.arange(256, dtype=np.float32)[None, :, None]
+    colour = _colormap(cmap).astype(np.float32)[:, None, :]
+    lut = np.clip(grey * (1.0 - w) + colour * w + 0.5, 0, 255).astype(np.uint8)
+    lut.flags.writeable = False
+    return lut
+
+
 def overlay_rgb(
     image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.6, cmap: str = "jet"
 ) -> np.ndarray:
     """uint8 (H, W) grey image + [0,1] (H, W) heatmap -> uint8 (H, W, 3) blend.
 
     The blend weight grows with the heat (alpha * heat), so regions without evidence show the
-    radiograph untouched instead of under a uniform colour cast.
+    radiograph untouched instead of under a uniform colour cast. The heat is quantised to 256
+    levels (as the colour map already is) before blending.
     """
     image = np.asarray(image)
     heat = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
@@ -124,22 +148,100 @@ def overlay_rgb(
         image = image[0]
     if image.shape != heat.shape:
         raise ValueError(f"image {image.shape} and heatmap {heat.shape} differ in shape")
-    grey = np.repeat(image.astype(np.float32)[..., None], 3, axis=2)
-    colour = _colormap(cmap)[np.rint(heat * 255).astype(np.int64)].astype(np.float32)
-    w = (alpha * heat)[..., None]
-    return np.clip(grey * (1.0 - w) + colour * w + 0.5, 0, 255).astype(np.uint8)
+    if image.dtype != np.uint8:
+        image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    index = np.rint(heat * 255.0).astype(np.intp) << 8  # row heat level, column grey level
+    index |= image
+    return np.take(_blend_lut(cmap, float(alpha)).reshape(-1, 3), index, axis=0)
 
 
 def overlay_png(
     image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.6, cmap: str = "jet", size: int | None = None
 ) -> bytes:
     """The Grad-CAM overlay as PNG bytes; `size` upscales it (bilinear) for display."""
-    pil = Image.fromarray(overlay_rgb(image, heatmap, alpha=alpha, cmap=cmap), mode="RGB")
-    if size and size != pil.width:
-        pil = pil.resize((size, size), Image.BILINEAR)
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
+    rgb = overlay_rgb(image, heatmap, alpha=alpha, cmap=cmap)
+    if size and size != rgb.shape[1]:
+        rgb = np.asarray(Image.fromarray(rgb, mode="RGB").resize((size, size), Image.BILINEAR))
+    return encode_png(rgb)
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def encode_png(pixels: np.ndarray, level: int = _PNG_LEVEL) -> bytes:
+    """uint8 (H, W) grey or (H, W, 3) RGB -> PNG bytes, every row Sub-filtered (each byte minus
+    the one a pixel to its left, mod 256), then zlib.
+
+    Why not PIL: its encoder tries all five PNG filters on every row, which at 1024 px costs
+    more than the deflate itself; one fixed filter is about twice as fast for the same size on
+    radiographs and overlays, and encoding was the largest part of a full-resolution /explain.
+    """
+    arr = np.ascontiguousarray(pixels)
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise ValueError(f"need uint8 (H, W) or (H, W, 3), got {arr.dtype} {arr.shape}")
+    h, w = arr.shape[:2]
+    c = 1 if arr.ndim == 2 else 3
+    rows = arr.reshape(h, w * c)
+    raw = np.empty((h, w * c + 1), np.uint8)
+    raw[:, 0] = 1  # filter type Sub
+    raw[:, 1 : c + 1] = rows[:, :c]
+    np.subtract(rows[:, c:], rows[:, :-c], out=raw[:, c + 1 :])  # uint8 wraps: PNG's mod 256
+    header = struct.pack(">IIBBBBB", w, h, 8, 0 if c == 1 else 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), level)) + _png_chunk(b"IEND", b""))
+
+
+def display_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """(h, w) of a picture of `height` x `width` shown with its long side at most `max_side`,
+    aspect ratio kept (each side rounded, never below 1 px); never upscaled."""
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def display_image(pixels: np.ndarray, max_side: int = 1024) -> np.ndarray:
+    """Decoded [0,1] float (H, W) image (as `imaging.decode_bytes` returns it) -> uint8 (h, w)
+    for display, downscaled (PIL bilinear, antialiased when shrinking) only when its long side
+    exceeds `max_side`."""
+    img = np.asarray(pixels)
+    if img.ndim == 3 and img.shape[0] == 1:
+        img = img[0]
+    if img.ndim != 2:
+        raise ValueError(f"a grey (H, W) image is needed, got shape {img.shape}")
+    grey = img if img.dtype == np.uint8 else to_uint8(img)
+    h, w = display_size(*grey.shape, max_side)
+    if (h, w) == grey.shape:
+        return np.ascontiguousarray(grey)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(grey), mode="L").resize((w, h), Image.BILINEAR))
+
+
+def upsample_map(low: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A low-resolution Grad-CAM map [h, w] -> float32 [height, width] in [0, 1].
+
+    Bilinear with half-pixel centres (`align_corners=False`, what Captum uses to bring the map
+    to the model input), straight from the layer's grid to the picture: the model input is the
+    whole picture squashed to S x S, so the map's extent is the picture's extent on each axis
+    and a non-square picture simply stretches it. Renormalised to peak 1 (a zero map stays 0).
+    """
+    import torch.nn.functional as F
+
+    t = torch.as_tensor(np.asarray(low, dtype=np.float32))
+    if t.ndim != 2:
+        raise ValueError(f"a [h, w] map is needed, got shape {tuple(t.shape)}")
+    up = F.interpolate(t[None, None], size=(int(height), int(width)), mode="bilinear", align_corners=False)
+    return _normalise(up[0].clamp_min(0.0)).numpy()[0]
+
+
+def render_overlay(
+    pixels: np.ndarray, low: np.ndarray, *, max_side: int = 1024, alpha: float = 0.6, cmap: str = "jet"
+) -> bytes:
+    """The Grad-CAM overlay PNG on the decoded picture at its own resolution (long side capped
+    at `max_side`), the low-resolution map upsampled onto it. `pixels` is a [0,1] float or a
+    uint8 image; pass a uint8 one already through `display_image` to reuse it across maps."""
+    grey = display_image(pixels, max_side)
+    return overlay_png(grey, upsample_map(low, *grey.shape), alpha=alpha, cmap=cmap)
 
 
 def pointing_hit(

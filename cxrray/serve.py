@@ -59,7 +59,7 @@ class ServeArgs:
     max_targets: int = 4  # Grad-CAM classes per /explain request
     device: str = "auto"
     num_threads: int = 0  # 0: the CPUs the replica reserved
-    overlay_size: int = 0  # 0: the model's input size; else the PNG's side in pixels
+    overlay_max_side: int = 1024  # /explain overlays: the upload's own size, long side capped here (px)
     deployment: dict[str, Any] = field(default_factory=dict)  # .options(...) overrides
 
     @classmethod
@@ -85,6 +85,8 @@ class ServeArgs:
         out = cls(**args)
         if out.max_batch_size < 1 or out.explain_max_batch_size < 1 or out.max_upload_bytes < 1:
             raise ValueError("batch sizes and max_upload_bytes must be >= 1")
+        if out.overlay_max_side < 16:
+            raise ValueError(f"overlay_max_side must be >= 16 (pixels on the long side), got {out.overlay_max_side}")
         return out
 
 
@@ -264,8 +266,8 @@ class CXRServer:
         if self.predictor.label_space.num_classes == 0:
             return
         blank = np.zeros((1, self.meta.preprocess.size, self.meta.preprocess.size), np.uint8)
-        _, _, maps, _ = self._explain_sync([(blank, [0])])[0]
-        self._overlays(blank, maps)
+        _, _, _, low = self._explain_sync([(blank, [0])])[0]
+        self._overlays(blank[0], low)
 
     # ---- model work (batched) ---------------------------------------------------------------
 
@@ -306,14 +308,29 @@ class CXRServer:
 
     # ---- request plumbing ---------------------------------------------------------------
 
-    async def _image(self, request: Request) -> tuple[Any, list[str]]:
-        """Upload -> (uint8 [1,S,S], targets from the form); raises UploadError (a 4xx)."""
+    def _decode_for_explain(self, data: bytes, source: str) -> tuple[Any, Any]:
+        """Image bytes -> (model input uint8 [1,S,S], the picture uint8 (h, w) for overlays).
+
+        One decode for both: the model input is built exactly as `Predictor.prepare_bytes`
+        builds it; the picture is the same decoded (and, for DICOM, windowed) image at its own
+        resolution, its long side capped at overlay_max_side."""
+        from cxrray.explain import display_image
+        from cxrray.imaging import decode_bytes
+        from cxrray.transforms import preprocess_image
+
+        pixels = decode_bytes(data, source=source, max_pixels=self.predictor.max_pixels)
+        return preprocess_image(pixels, self.predictor.preprocess), display_image(pixels, self.args.overlay_max_side)
+
+    async def _image(self, request: Request, *, picture: bool = False) -> tuple[Any, list[str]]:
+        """Upload -> (uint8 [1,S,S], targets from the form); with picture=True the first item
+        is (model input, picture) instead (`_decode_for_explain`). Raises UploadError (a 4xx)."""
         from cxrray.imaging import ImageError, sniff_format
 
         data, targets, source = await read_upload(request, self.args.max_upload_bytes)
+        decode = self._decode_for_explain if picture else self.predictor.prepare_bytes
         try:
             loop = asyncio.get_running_loop()
-            image = await loop.run_in_executor(self._decode_threads, self.predictor.prepare_bytes, data, source)
+            image = await loop.run_in_executor(self._decode_threads, decode, data, source)
         except ImageError as e:
             fmt = sniff_format(data)
             if fmt is not None and fmt not in SUPPORTED:  # a known format we do not read
@@ -349,7 +366,7 @@ class CXRServer:
 
         started = time.perf_counter()
         try:
-            image, form_targets = await self._image(request)
+            (image, picture), form_targets = await self._image(request, picture=True)
             names = parse_targets(request.query_params.getlist("target") + form_targets)
             if len(names) > self.args.max_targets:
                 raise UploadError(400, f"at most {self.args.max_targets} targets per request", "bad_request")
@@ -359,31 +376,39 @@ class CXRServer:
                 raise UploadError(400, str(e.args[0]), "unknown_class") from None
         except UploadError as e:
             return error(e.status, str(e), e.reason)
-        probs, chosen, maps, low = await self._explain_batch((image, indices))
+        probs, chosen, _, low = await self._explain_batch((image, indices))
         loop = asyncio.get_running_loop()
-        pngs = await loop.run_in_executor(self._decode_threads, self._overlays, image, maps)
+        pngs, picture_png = await loop.run_in_executor(self._decode_threads, self._overlays, picture, low)
         res = self._result(probs, started)
         names = self.predictor.label_space.names
         res["explanations"] = {
             names[k]: {
-                "overlay_png_base64": png,
-                "map": low[i].tolist(),
+                "overlay_png_base64": png,  # on the picture, overlay_size
+                "map": low[i].tolist(),  # the layer's own low-resolution map, for programs
                 "map_shape": list(low[i].shape),
             }
             for i, (k, png) in enumerate(zip(chosen, pngs))
         }
+        res["overlay_size"] = [int(picture.shape[1]), int(picture.shape[0])]  # [width, height]
         res["input_png_base64"] = self._input_png(image)
+        res["image_png_base64"] = picture_png
         res["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 2)
         return JSONResponse(res)
 
-    def _overlays(self, image, maps) -> list[str]:
-        from cxrray.explain import overlay_png
+    def _overlays(self, picture, low) -> tuple[list[str], str]:
+        """(one overlay PNG per low-resolution map, drawn on `picture` (uint8 (h, w)) with the
+        map upsampled onto it; the picture itself as PNG), base64."""
+        from cxrray.explain import encode_png, render_overlay
 
-        size = self.args.overlay_size or None
-        return [base64.b64encode(overlay_png(image[0], m, size=size)).decode("ascii") for m in maps]
+        def b64(png: bytes) -> str:
+            return base64.b64encode(png).decode("ascii")
+
+        overlays = [b64(render_overlay(picture, m, max_side=self.args.overlay_max_side)) for m in low]
+        return overlays, b64(encode_png(picture))
 
     def _input_png(self, image) -> str:
-        """The model's input image (what Grad-CAM explains), for pages that cannot show DICOM."""
+        """The model's input image (what Grad-CAM explains, S x S); `image_png_base64` is the
+        upload itself at overlay_size, for pages that cannot show DICOM."""
         import io
 
         from PIL import Image

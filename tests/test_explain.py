@@ -11,16 +11,21 @@ from PIL import Image
 from torch import nn
 
 from cxrray.explain import (
+    display_image,
+    display_size,
+    encode_png,
     gradcam,
     logit_index,
     overlay_png,
     overlay_rgb,
     pointing_hit,
+    render_overlay,
     resolve_targets,
+    upsample_map,
 )
 from cxrray.labels import MULTICLASS, LabelSpace
 from cxrray.models import build_model, gradcam_layer_path
-from cxrray.transforms import Preprocess
+from cxrray.transforms import Preprocess, preprocess_image
 
 PRE64 = Preprocess(size=64, channels=1, mean=(0.5,), std=(0.25,))
 
@@ -173,6 +178,119 @@ def test_overlay_png_is_a_png_of_the_right_size_and_blend() -> None:
     assert big.size == (96, 96)
     with pytest.raises(ValueError, match="shape"):
         overlay_png(grey, heat[:10])
+
+
+# ------------------------------------------------------------------------------ full-resolution overlays
+
+
+def picture(height: int, width: int) -> np.ndarray:
+    """A smooth [0,1] float picture (as `imaging.decode_bytes` returns one): two dark lungs."""
+    y, x = np.mgrid[0:height, 0:width]
+    y, x = y / height, x / width
+    img = 0.8 - 0.5 * ((((x - 0.3) / 0.15) ** 2 + ((y - 0.45) / 0.3) ** 2) < 1)
+    img = img - 0.5 * ((((x - 0.7) / 0.15) ** 2 + ((y - 0.45) / 0.3) ** 2) < 1)
+    return (img + 0.1 * x).astype(np.float32)
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    im = Image.open(io.BytesIO(png))
+    assert im.format == "PNG" and im.mode == "RGB"
+    return im.size
+
+
+@pytest.mark.parametrize(("height", "width", "expected"), [
+    (1024, 1024, (1024, 1024)),  # the issue's bar: a 1024 px upload gives a 1024 px overlay
+    (1500, 2000, (1024, 768)),   # capped on the long side, aspect kept (PIL sizes are (w, h))
+    (2000, 1500, (768, 1024)),
+    (96, 160, (160, 96)),        # smaller than the cap: never upscaled
+])
+def test_render_overlay_is_at_the_pictures_own_resolution(height, width, expected) -> None:
+    low = np.random.default_rng(0).random((6, 6)).astype(np.float32)
+    assert png_size(render_overlay(picture(height, width), low, max_side=1024)) == expected
+    assert display_size(height, width, 1024)[::-1] == expected
+
+
+def test_display_image_is_the_decoded_picture_downscaled_only_past_the_cap() -> None:
+    img = picture(300, 200)
+    same = display_image(img, 1024)
+    assert same.dtype == np.uint8 and same.shape == (300, 200)
+    assert np.abs(same.astype(int) - np.rint(np.clip(img, 0, 1) * 255)).max() == 0
+    small = display_image(img, 150)
+    assert small.shape == (150, 100)
+    # Antialiased: the small one is the big one averaged, not decimated.
+    assert abs(float(small.mean()) - float(same.mean())) < 1.0
+    with pytest.raises(ValueError, match="max_side"):
+        display_size(10, 10, 0)
+
+
+@pytest.mark.parametrize(("height", "width"), [(1024, 1024), (768, 1024), (1024, 600)])
+def test_upsampled_peak_lands_on_the_low_res_peak(height, width) -> None:
+    """Geometry: a low-res map [h, w] whose only peak is cell (i, j) covers the whole picture,
+    so the upsampled peak sits at that cell's centre, ((i + 0.5) H / h, (j + 0.5) W / w), on
+    each axis separately (the model input squashes a non-square picture). Tolerance: 1 output
+    pixel (the continuous peak falls between two pixel centres)."""
+    h, w = 6, 8
+    for i, j in [(0, 0), (2, 5), (5, 7), (3, 1)]:
+        low = np.zeros((h, w), np.float32)
+        low[i, j] = 1.0
+        up = upsample_map(low, height, width)
+        assert up.shape == (height, width) and up.dtype == np.float32
+        assert up.max() == pytest.approx(1.0) and up.min() >= 0
+        py, px = np.unravel_index(np.argmax(up), up.shape)
+        cy, cx = (i + 0.5) * height / h - 0.5, (j + 0.5) * width / w - 0.5  # in pixel-index units
+        if i == 0:
+            cy = min(cy, py)  # bilinear holds the edge value out to the border: any pixel up to the centre
+        if j == 0:
+            cx = min(cx, px)
+        assert abs(py - cy) <= 1 and abs(px - cx) <= 1, ((i, j), (py, px), (cy, cx))
+    assert not upsample_map(np.zeros((4, 4)), 50, 70).any()  # no evidence stays no evidence
+
+
+@pytest.mark.parametrize(("height", "width"), [(200, 400), (400, 200), (300, 300)])
+def test_overlay_heat_falls_on_the_evidence_in_the_original_geometry(height, width) -> None:
+    """End to end through the real preprocessing: a bright patch in a non-square picture,
+    squashed into the 32 px model input, explained by a model whose answer is known
+    (SpotDetector), then drawn back on the picture. The heat must cover the patch where it
+    is in the picture, not where it would be under a pad or a centre-crop."""
+    img = np.full((height, width), 0.4, np.float32)
+    y0, x0, bh, bw = height // 5, int(width * 0.65), height // 4, width // 6
+    img[y0 : y0 + bh, x0 : x0 + bw] = 1.0
+    x = preprocess_image(img, Preprocess(size=32, channels=1, mean=(0.5,), std=(0.25,)))
+    _, low = gradcam(SpotDetector(), torch.from_numpy(x[None]), "features", [0])
+    heat = upsample_map(low[0], height, width)
+    inside = np.zeros_like(heat, bool)
+    inside[y0 : y0 + bh, x0 : x0 + bw] = True
+    py, px = np.unravel_index(np.argmax(heat), heat.shape)
+    assert inside[py, px]
+    assert heat[inside].mean() > 0.8 and heat[~inside].mean() < 0.05
+    # The overlay is coloured on the patch and leaves the rest of the picture grey.
+    rgb = np.asarray(Image.open(io.BytesIO(render_overlay(img, low[0])))).astype(int)
+    assert rgb.shape == (height, width, 3)
+    colour = np.abs(rgb[..., 0] - rgb[..., 2])
+    assert colour[inside].mean() > 40 and colour[~inside].mean() < 5
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (64, 47), (5, 7, 3), (1, 9, 3), (130, 90, 3)])
+def test_encode_png_round_trips_through_pil(shape) -> None:
+    arr = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    im = Image.open(io.BytesIO(encode_png(arr)))
+    assert im.format == "PNG" and im.mode == ("L" if len(shape) == 2 else "RGB")
+    np.testing.assert_array_equal(np.asarray(im), arr)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(arr.astype(np.float32))
+
+
+def test_overlay_rgb_is_the_float_blend_within_rounding() -> None:
+    """The lookup-table blend equals alpha * heat blending done in floating point."""
+    from cxrray.explain import _colormap
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    heat = rng.random((40, 50)).astype(np.float32)
+    w = (0.6 * heat)[..., None]
+    colour = _colormap("jet")[np.rint(heat * 255).astype(int)].astype(np.float32)
+    ref = grey[..., None].astype(np.float32) * (1 - w) + colour * w
+    assert np.abs(overlay_rgb(grey, heat).astype(np.float32) - ref).max() <= 1.0
 
 
 def test_pointing_hit() -> None:

@@ -153,6 +153,10 @@ def test_serve_args_validation(artifact, tmp_path, monkeypatch) -> None:
     assert ServeArgs.from_dict({}).artifact == str(artifact)
     with pytest.raises(ArtifactError, match="not a cxrray artifact"):
         build_app({"artifact": str(tmp_path)})
+    assert ServeArgs.from_dict({"artifact": str(artifact)}).overlay_max_side == 1024
+    assert ServeArgs.from_dict({"artifact": str(artifact), "overlay_max_side": "512"}).overlay_max_side == 512
+    with pytest.raises(ValueError, match="overlay_max_side"):
+        ServeArgs.from_dict({"artifact": str(artifact), "overlay_max_side": 0})
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -228,7 +232,8 @@ def test_predict_accepts_jpeg_and_dicom(url) -> None:
 
 
 def test_explain_served_equals_direct_gradcam(url, predictor) -> None:
-    from cxrray.explain import gradcam, logit_index, overlay_rgb
+    from cxrray.explain import display_image, gradcam, logit_index, overlay_rgb, upsample_map
+    from cxrray.imaging import decode_bytes
 
     data = png_bytes(3)
     r = post(url, "/explain", files={"file": ("a.png", data)}, params={"target": "Cardiomegaly,Pleural Effusion"})
@@ -236,18 +241,70 @@ def test_explain_served_equals_direct_gradcam(url, predictor) -> None:
     body = r.json()
     assert list(body["explanations"]) == ["Cardiomegaly", "Pleural Effusion"]
     image = predictor.prepare_bytes(data)
+    picture = display_image(decode_bytes(data))  # the upload itself: 96 px, the model sees 64
     space = predictor.label_space
     for name, exp in body["explanations"].items():
         k = space.names.index(name)
-        maps, low = gradcam(predictor.model, image[None], predictor.meta.gradcam_layer, [logit_index(space, k)])
+        _, low = gradcam(predictor.model, image[None], predictor.meta.gradcam_layer, [logit_index(space, k)])
         assert exp["map_shape"] == list(low[0].shape)
         np.testing.assert_allclose(np.asarray(exp["map"]), low[0], atol=1e-4)
         overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(exp["overlay_png_base64"]))))
-        assert overlay.shape == (64, 64, 3)
-        assert np.abs(overlay.astype(int) - overlay_rgb(image[0], maps[0]).astype(int)).max() <= 2
+        assert overlay.shape == (96, 96, 3)
+        expected = overlay_rgb(picture, upsample_map(low[0], 96, 96))
+        assert np.abs(overlay.astype(int) - expected.astype(int)).max() <= 2
+    assert body["overlay_size"] == [96, 96]
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["image_png_base64"]))))
+    np.testing.assert_array_equal(shown, picture)
+    model_input = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["input_png_base64"]))))
+    np.testing.assert_array_equal(model_input, image[0])  # still the model's input, unchanged
     probs = predictor.predict_images(image[None])[0]
     for k, name in enumerate(space.names):
         assert body["classes"][name]["probability"] == pytest.approx(float(probs[k]), abs=1e-5)
+
+
+def smooth_png(height: int, width: int) -> bytes:
+    """A large upload that stays under the test's 1 MiB cap: smooth, so PNG compresses it."""
+    y, x = np.mgrid[0:height, 0:width]
+    y, x = y / height, x / width
+    img = 0.8 - 0.5 * ((((x - 0.3) / 0.15) ** 2 + ((y - 0.45) / 0.3) ** 2) < 1)
+    img = img - 0.5 * ((((x - 0.7) / 0.15) ** 2 + ((y - 0.45) / 0.3) ** 2) < 1) + 0.1 * x
+    return encode(Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)))
+
+
+def overlay_of(body: dict) -> Image.Image:
+    exp = next(iter(body["explanations"].values()))
+    return Image.open(io.BytesIO(base64.b64decode(exp["overlay_png_base64"])))
+
+
+@pytest.mark.parametrize(("height", "width", "size"), [
+    (1024, 1024, (1024, 1024)),  # the issue's bar: a 1024 px PNG gives a 1024 px overlay
+    (1500, 2000, (1024, 768)),   # capped at overlay_max_side on the long side, aspect kept
+])
+def test_explain_overlay_is_at_the_uploads_resolution(url, height, width, size) -> None:
+    data = smooth_png(height, width)
+    assert len(data) < MAX_UPLOAD
+    r = post(url, "/explain", data, params={"target": "Cardiomegaly,Pneumothorax"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["overlay_size"] == list(size)
+    for exp in body["explanations"].values():
+        assert Image.open(io.BytesIO(base64.b64decode(exp["overlay_png_base64"]))).size == size
+        assert exp["map_shape"] == [len(exp["map"]), len(exp["map"][0])] and exp["map_shape"][0] < 64  # low-res
+    assert Image.open(io.BytesIO(base64.b64decode(body["image_png_base64"]))).size == size
+    assert Image.open(io.BytesIO(base64.b64decode(body["input_png_base64"]))).size == (64, 64)
+
+
+def test_explain_on_dicom_draws_on_the_windowed_picture(url) -> None:
+    from cxrray.explain import display_image
+    from cxrray.imaging import decode_bytes
+
+    data = dicom_bytes(xray_like(11, 120)[:, :100].astype(np.uint16) * 16)  # 100 wide, 120 high
+    r = post(url, "/explain", data)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["overlay_size"] == [100, 120] and overlay_of(body).size == (100, 120)
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["image_png_base64"]))))
+    np.testing.assert_array_equal(shown, display_image(decode_bytes(data)))
 
 
 def test_explain_defaults_to_top_class_and_takes_repeated_targets(url, predictor) -> None:

@@ -95,6 +95,10 @@ def test_upload_see_probabilities_click_class_see_overlay(url, browser, tmp_path
     assert page.locator(f".bar-row.selected[data-class='{target}']").count() == 1
     assert page.locator("#overlay").get_attribute("src").startswith("data:image/png;base64,")
     assert "error" not in (page.locator("#status").get_attribute("class") or "")
+    # Full resolution: the 160 px upload comes back as a 160 px overlay (the model sees 64 px);
+    # the browser scales it to the viewer.
+    assert page.evaluate("document.getElementById('overlay').naturalWidth") == 160
+    assert "160×160" in page.locator("#overlay-tag").inner_text()
 
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=False)
@@ -105,6 +109,10 @@ def test_upload_see_probabilities_click_class_see_overlay(url, browser, tmp_path
     crop = np.asarray(shot.convert("RGB").crop((box["x"], box["y"], box["x"] + box["width"],
                                                 box["y"] + box["height"]))).astype(int)
     assert (np.abs(crop[..., 0] - crop[..., 2]) > 40).mean() > 0.02
+    # Heatmap off: the upload itself at the same resolution, not the blurred model input.
+    page.uncheck("#show-heat")
+    page.wait_for_function("document.getElementById('overlay-tag').textContent.startsWith('Image')")
+    assert page.evaluate("document.getElementById('overlay').naturalWidth") == 160
     assert errors == []
     assert all(u.startswith(url) or u.startswith("data:") for u in requests_made), requests_made
     page.close()
