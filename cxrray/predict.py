@@ -17,8 +17,9 @@ import torch
 
 from cxrray.artifact import load_artifact
 from cxrray.heads import logits_to_probs
-from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_bytes, load_image
+from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_bytes_info, load_image_info
 from cxrray.labels import MULTICLASS
+from cxrray.qa import IDENTITY_FIELDS, ImageQA, assess, enforce
 from cxrray.transforms import Preprocess, preprocess_image
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,20 @@ def reserved_cpus(default: int | None = None) -> int:
     return default or os.cpu_count() or 1
 
 
-def decode_one(path: str, pre: Preprocess, *, max_pixels: int, max_bytes: int) -> tuple[np.ndarray, str | None]:
-    """(uint8 [1,S,S], None) or (zeros, "reason: detail") for an unreadable file."""
+def decode_one(path: str, pre: Preprocess, *, max_pixels: int, max_bytes: int,
+               strict: bool = False) -> tuple[np.ndarray, str | None, ImageQA]:
+    """(uint8 [1,S,S], None, QA) or (zeros, "reason: detail", QA) for an unreadable file (or,
+    with strict, a DICOM that is not a chest radiograph)."""
+    qa = ImageQA()
     try:
-        return preprocess_image(load_image(path, max_pixels=max_pixels, max_bytes=max_bytes), pre), None
+        decoded = load_image_info(path, max_pixels=max_pixels, max_bytes=max_bytes)
+        qa = assess(decoded)
+        enforce(qa, path, strict=strict)
+        return preprocess_image(decoded.pixels, pre), None, qa
     except ImageError as e:
-        return np.zeros((1, pre.size, pre.size), np.uint8), f"{e.reason}: {e}"
+        return np.zeros((1, pre.size, pre.size), np.uint8), f"{e.reason}: {e}", qa
     except Exception as e:  # noqa: BLE001 - any other failure on one file must not kill the batch
-        return np.zeros((1, pre.size, pre.size), np.uint8), f"corrupt: {path}: {type(e).__name__}: {e}"
+        return np.zeros((1, pre.size, pre.size), np.uint8), f"corrupt: {path}: {type(e).__name__}: {e}", qa
 
 
 def decode_batch(
@@ -54,12 +61,18 @@ def decode_batch(
     pre: Preprocess,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    strict: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Adds `image` (uint8 [N,1,S,S]) and `error` (None or reason) for the paths in `batch`."""
-    decoded = [decode_one(str(p), pre, max_pixels=max_pixels, max_bytes=max_bytes) for p in batch["path"]]
+    """Adds `image` (uint8 [N,1,S,S]), `error` (None or reason), the DICOM identity columns and
+    `qa_warnings` (comma-joined: ragged lists would be pickled between Ray Data stages)."""
+    decoded = [decode_one(str(p), pre, max_pixels=max_pixels, max_bytes=max_bytes, strict=strict)
+               for p in batch["path"]]
     out = dict(batch)
     out["image"] = np.stack([d[0] for d in decoded]) if decoded else np.zeros((0, 1, pre.size, pre.size), np.uint8)
     out["error"] = np.array([d[1] for d in decoded], dtype=object)
+    for name in IDENTITY_FIELDS:
+        out[name] = np.array([d[2].identity[name] for d in decoded], dtype=object)
+    out["qa_warnings"] = np.array([",".join(d[2].warnings) for d in decoded], dtype=object)
     return out
 
 
@@ -80,8 +93,10 @@ class Predictor:
         num_threads: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        strict: bool = False,
     ):
         self.device = pick_device(device)
+        self.strict = strict  # not_radiograph / not_chest DICOMs become errors, not warnings
         if self.device.type == "cpu":
             torch.set_num_threads(num_threads or reserved_cpus())
         self.model, self.meta = load_artifact(artifact, self.device)
@@ -132,7 +147,16 @@ class Predictor:
 
     def prepare_bytes(self, data: bytes, source: str = "<upload>") -> np.ndarray:
         """Image bytes -> uint8 [1,S,S]; raises imaging.ImageError for a bad file."""
-        return preprocess_image(decode_bytes(data, source=source, max_pixels=self.max_pixels), self.preprocess)
+        return self.prepare_bytes_info(data, source)[0]
+
+    def prepare_bytes_info(self, data: bytes, source: str = "<upload>", *,
+                           strict: bool | None = None) -> tuple[np.ndarray, ImageQA]:
+        """Image bytes -> (uint8 [1,S,S], identity and QA warnings); raises imaging.ImageError
+        for a bad file, and qa.NotAChestRadiograph in strict mode."""
+        decoded = decode_bytes_info(data, source=source, max_pixels=self.max_pixels)
+        qa = assess(decoded)
+        enforce(qa, source, strict=self.strict if strict is None else strict)
+        return preprocess_image(decoded.pixels, self.preprocess), qa
 
     def decisions(self, probs: np.ndarray) -> np.ndarray:
         """Boolean [N,K]: multi-label uses the per-class thresholds, multi-class the arg max."""
@@ -159,7 +183,7 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data batch -> prediction rows (the predictions-Parquet contract)."""
         if "image" not in batch:
-            batch = decode_batch(batch, self.preprocess, self.max_pixels, self.max_bytes)
+            batch = decode_batch(batch, self.preprocess, self.max_pixels, self.max_bytes, self.strict)
         # Ray Data stores an all-None `error` column as Arrow null, which comes back as NaN floats.
         errors = np.array([None if _no_error(e) else e for e in batch.get("error", [None] * len(batch["image"]))],
                           dtype=object)
@@ -181,6 +205,10 @@ class Predictor:
         )
         out["model_id"] = np.array([self.model_id] * n, dtype=object)
         out["error"] = errors
+        for name in IDENTITY_FIELDS:
+            out[name] = np.array([None if _no_error(v) else v for v in batch.get(name, [None] * n)], dtype=object)
+        out["warnings"] = np.array([[w for w in str(v).split(",") if w] if not _no_error(v) else []
+                                    for v in batch.get("qa_warnings", [None] * n)], dtype=object)
         return out
 
 

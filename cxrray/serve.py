@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 MiB = 1024 * 1024
 # Status per imaging.ImageError.reason: the user's file is at fault (4xx), never the server.
-STATUS_BY_REASON = {"too_large": 413, "unsupported": 415}
+STATUS_BY_REASON = {"too_large": 413, "unsupported": 415, "not_chest_radiograph": 422}
 SUPPORTED = ("png", "jpeg", "dicom")
 # An oversized body is read and discarded up to this many times the cap before answering 413,
 # so an HTTP client that is still sending sees the 413 instead of a reset connection; beyond
@@ -60,6 +60,7 @@ class ServeArgs:
     device: str = "auto"
     num_threads: int = 0  # 0: the CPUs the replica reserved
     overlay_max_side: int = 1024  # /explain overlays: the upload's own size, long side capped here (px)
+    strict: bool = False  # DICOMs that are not chest radiographs get a 422 instead of a warning
     deployment: dict[str, Any] = field(default_factory=dict)  # .options(...) overrides
 
     @classmethod
@@ -78,6 +79,10 @@ class ServeArgs:
             kind = known[name].type
             if isinstance(value, str) and kind in (int, float):
                 args[name] = kind(float(value)) if kind is int else float(value)
+            elif isinstance(value, str) and kind is bool:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(f"serve arg {name} must be true or false, got {value!r}")
+                args[name] = value.lower() in ("true", "1", "yes")
         # A relative artifact path is relative to the directory the builder runs in (your
         # shell's for `serve run`); resolve it here so replicas, whose working directory Ray
         # chooses, load the same files.
@@ -315,22 +320,31 @@ class CXRServer:
         builds it; the picture is the same decoded (and, for DICOM, windowed) image at its own
         resolution, its long side capped at overlay_max_side."""
         from cxrray.explain import display_image
-        from cxrray.imaging import decode_bytes
+        from cxrray.imaging import decode_bytes_info
         from cxrray.transforms import preprocess_image
 
-        pixels = decode_bytes(data, source=source, max_pixels=self.predictor.max_pixels)
-        return preprocess_image(pixels, self.predictor.preprocess), display_image(pixels, self.args.overlay_max_side)
+        from cxrray.qa import assess, enforce
 
-    async def _image(self, request: Request, *, picture: bool = False) -> tuple[Any, list[str]]:
+        decoded = decode_bytes_info(data, source=source, max_pixels=self.predictor.max_pixels)
+        qa = assess(decoded)
+        enforce(qa, source, strict=self.args.strict)
+        pixels = decoded.pixels
+        return (preprocess_image(pixels, self.predictor.preprocess),
+                display_image(pixels, self.args.overlay_max_side)), qa
+
+    def _decode_for_predict(self, data: bytes, source: str):
+        return self.predictor.prepare_bytes_info(data, source, strict=self.args.strict)
+
+    async def _image(self, request: Request, *, picture: bool = False) -> tuple[Any, list[str], Any]:
         """Upload -> (uint8 [1,S,S], targets from the form); with picture=True the first item
         is (model input, picture) instead (`_decode_for_explain`). Raises UploadError (a 4xx)."""
         from cxrray.imaging import ImageError, sniff_format
 
         data, targets, source = await read_upload(request, self.args.max_upload_bytes)
-        decode = self._decode_for_explain if picture else self.predictor.prepare_bytes
+        decode = self._decode_for_explain if picture else self._decode_for_predict
         try:
             loop = asyncio.get_running_loop()
-            image = await loop.run_in_executor(self._decode_threads, decode, data, source)
+            image, qa = await loop.run_in_executor(self._decode_threads, decode, data, source)
         except ImageError as e:
             fmt = sniff_format(data)
             if fmt is not None and fmt not in SUPPORTED:  # a known format we do not read
@@ -339,12 +353,14 @@ class CXRServer:
         except Exception as e:  # noqa: BLE001 - a decoder bug on a user's file is still a 400
             log.warning("decode failed on %s: %s: %s", source, type(e).__name__, e)
             raise UploadError(400, f"could not decode the image ({type(e).__name__})", "corrupt") from None
-        return image, targets
+        return image, targets, qa
 
-    def _result(self, probs, started: float) -> dict[str, Any]:
+    def _result(self, probs, started: float, qa) -> dict[str, Any]:
         import numpy as np
 
         res = self.predictor.describe(np.asarray(probs)[None])[0]
+        res.update(qa.identity)  # DICOM UIDs etc. (null for PNG/JPEG); never patient data
+        res["warnings"] = qa.warnings
         res["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 2)
         return res
 
@@ -354,11 +370,11 @@ class CXRServer:
     async def predict(self, request: Request) -> Response:
         started = time.perf_counter()
         try:
-            image, _ = await self._image(request)
+            image, _, qa = await self._image(request)
         except UploadError as e:
             return error(e.status, str(e), e.reason)
         probs = await self._predict_batch(image)
-        return JSONResponse(self._result(probs, started))
+        return JSONResponse(self._result(probs, started, qa))
 
     @api.post("/explain")
     async def explain(self, request: Request) -> Response:
@@ -366,7 +382,7 @@ class CXRServer:
 
         started = time.perf_counter()
         try:
-            (image, picture), form_targets = await self._image(request, picture=True)
+            (image, picture), form_targets, qa = await self._image(request, picture=True)
             names = parse_targets(request.query_params.getlist("target") + form_targets)
             if len(names) > self.args.max_targets:
                 raise UploadError(400, f"at most {self.args.max_targets} targets per request", "bad_request")
@@ -379,7 +395,7 @@ class CXRServer:
         probs, chosen, _, low = await self._explain_batch((image, indices))
         loop = asyncio.get_running_loop()
         pngs, picture_png = await loop.run_in_executor(self._decode_threads, self._overlays, picture, low)
-        res = self._result(probs, started)
+        res = self._result(probs, started, qa)
         names = self.predictor.label_space.names
         res["explanations"] = {
             names[k]: {

@@ -283,7 +283,9 @@ def test_scoring_matches_the_predictor_and_resumes(ray_session, capsys, artifact
 
     df = pd.read_parquet(out)
     p = Predictor(artifact, num_threads=1)
-    assert list(df.columns) == ["image_id", "path", *p.prob_columns, "positive", "model_id", "error"]
+    assert list(df.columns) == ["image_id", "path", *p.prob_columns, "positive", "model_id", "error",
+                                "study_uid", "series_uid", "sop_uid", "modality", "view_position", "body_part",
+                                "photometric", "warnings"]
     assert df["image_id"].is_unique and len(df) == 60 and (df["model_id"] == p.model_id).all()
     ref = predict_paths(p, df["path"].tolist())
     for c in p.prob_columns:

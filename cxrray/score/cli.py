@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser, *, json_flag: bool = True) -> argp
                    help="decode inside the actors, or in a separate CPU task stage (auto: task when on GPU)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (too_large)")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="refuse larger files (too_large)")
+    p.add_argument("--strict", action="store_true",
+                   help="DICOMs that are not chest radiographs (modality not CR/DX, body part not chest) become "
+                        "error rows instead of scored rows with a warning")
     p.add_argument("--force-model", action="store_true",
                    help="replace another model's predictions in --out (they are deleted)")
     if json_flag:
@@ -50,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
     if args.batch_size < 1 or args.chunk_size < 1:
         raise SystemExit("--batch-size and --chunk-size must be >= 1")
-    return ScoreConfig(args.artifact, args.input, args.out, args.batch_size, args.chunk_size, args.actors,
-                       args.cpus_per_actor, args.gpus_per_actor, args.decode, args.force_model, args.max_pixels,
-                       args.max_bytes, args.ray_address)
+    return ScoreConfig(artifact=args.artifact, input=args.input, out=args.out, batch_size=args.batch_size,
+                       chunk_size=args.chunk_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+                       gpus_per_actor=args.gpus_per_actor, decode=args.decode, force_model=args.force_model,
+                       strict=args.strict, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+                       ray_address=args.ray_address)
 
 
 def _log_summary(s: dict) -> None:

@@ -44,6 +44,7 @@ class ScoreConfig:
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     decode: str = "auto"  # "actor", "task" (separate CPU stage) or auto: task with GPUs
     force_model: bool = False
+    strict: bool = False  # not_radiograph / not_chest DICOMs become error rows instead of warnings
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
     ray_address: str | None = None
@@ -82,7 +83,7 @@ class ContractPredictor(Predictor):
     def __call__(self, batch: dict) -> pa.Table:
         rows = super().__call__(batch)
         schema = output_schema(self.prob_columns)
-        cols = {f.name: pa.array(list(rows[f.name]) if f.name == "positive" else rows[f.name], type=f.type,
+        cols = {f.name: pa.array(list(rows[f.name]) if pa.types.is_list(f.type) else rows[f.name], type=f.type,
                                  from_pandas=True) for f in schema}
         return to_contract(pa.table(cols), schema)
 
@@ -102,13 +103,14 @@ def build_dataset(todo: pd.DataFrame, cfg: ScoreConfig, res: Resources, preproce
         # ray_remote_args_fn keeps decoding a stage of its own: with equal resources Ray Data
         # would fuse it into the actors, which is just decode="actor" with extra copies.
         ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, num_cpus=1, ray_remote_args_fn=_one_cpu,
-                            fn_kwargs={"pre": preprocess, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes})
+                            fn_kwargs={"pre": preprocess, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
+                                       "strict": cfg.strict})
     extra = {"num_gpus": res.gpus} if res.gpus else {}
     return ds.map_batches(
         ContractPredictor,
         fn_constructor_kwargs={"artifact": storage.normalize(cfg.artifact), "device": "cuda" if res.gpus else "cpu",
                                "num_threads": max(1, int(res.cpus)), "max_pixels": cfg.max_pixels,
-                               "max_bytes": cfg.max_bytes},
+                               "max_bytes": cfg.max_bytes, "strict": cfg.strict},
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(size=res.actors),
         num_cpus=res.cpus,

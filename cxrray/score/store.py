@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cxrray import storage
+from cxrray.qa import IDENTITY_FIELDS
 from cxrray.score.errors import OutputConflict, ScoreError
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ def output_schema(prob_columns: Iterable[str]) -> pa.Schema:
         [("image_id", pa.string()), ("path", pa.string())]
         + [(c, pa.float32()) for c in prob_columns]
         + [("positive", pa.list_(pa.string())), ("model_id", pa.string()), ("error", pa.string())]
+        # What a hospital needs to use the scores: the DICOM identity (null for PNG/JPEG; UIDs,
+        # never patient data) and QA warnings (cxrray.qa).
+        + [(c, pa.string()) for c in IDENTITY_FIELDS] + [("warnings", pa.list_(pa.string()))]
     )
 
 
@@ -79,6 +83,11 @@ def to_contract(table: pa.Table, schema: pa.Schema) -> pa.Table:
         raise ScoreError(f"a result row has neither probabilities nor an error (model {table['model_id'][0]})")
     cols = []
     for f in schema:
+        if f.name not in table.column_names and (f.name in IDENTITY_FIELDS or f.name == "warnings"):
+            # Optional QA fields: null identity, no warnings (e.g. rows from an older Predictor).
+            cols.append(pa.nulls(table.num_rows, f.type) if f.name != "warnings"
+                        else pa.array([[]] * table.num_rows, f.type))
+            continue
         col = error if f.name == "error" else table[f.name].cast(f.type)
         if f.name.startswith("p_"):
             col = pc.if_else(ok, col, pa.scalar(None, pa.float32()))
