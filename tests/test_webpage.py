@@ -127,3 +127,18 @@ def test_page_shows_a_readable_error_for_a_bad_file(url, browser, tmp_path) -> N
     page.wait_for_selector("#status.error", timeout=30_000)
     assert "not a PNG, JPEG or DICOM" in page.locator("#status").inner_text()
     page.close()
+
+
+def test_page_shows_qa_warnings_for_a_lateral_dicom(url, browser, tmp_path) -> None:
+    from tests.test_qa import dx_bytes
+
+    path = tmp_path / "lateral.dcm"
+    path.write_bytes(dx_bytes(view="LL", size=300))
+    page = browser.new_page(viewport=VIEWPORT)
+    page.goto(url + "/")
+    page.set_input_files("#file-input", str(path))
+    page.wait_for_selector(".chip.warn", timeout=30_000)
+    chips = page.locator(".chip.warn")
+    assert chips.count() == 1 and chips.first.get_attribute("data-warning") == "lateral_view"
+    assert "lateral view" in chips.first.inner_text()
+    page.close()
