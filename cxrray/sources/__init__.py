@@ -13,11 +13,12 @@ from typing import Callable
 
 from cxrray.manifest import ManifestError, SourceResult
 from cxrray.sources.chexpert import load_chexpert
+from cxrray.sources.dicom import load_dicom
 from cxrray.sources.generic import load_csv, load_folder
 from cxrray.sources.kermany import load_kermany
 from cxrray.sources.nih import load_nih
 
-SOURCES: tuple[str, ...] = ("chexpert", "synthetic", "nih", "kermany", "csv", "folder")
+SOURCES: tuple[str, ...] = ("chexpert", "synthetic", "nih", "kermany", "csv", "folder", "dicom")
 
 
 def _load_synthetic(root: str | Path, **options) -> SourceResult:
@@ -36,6 +37,7 @@ _LOADERS: dict[str, Callable[..., SourceResult]] = {
     "kermany": load_kermany,
     "csv": load_csv,  # root is the CSV file
     "folder": load_folder,
+    "dicom": load_dicom,  # a DICOM folder tree, headers only
 }
 
 
@@ -52,4 +54,5 @@ def load_source(source: str, root: str | Path, **options) -> SourceResult:
     return _LOADERS[key](root, **options)
 
 
-__all__ = ["SOURCES", "load_source", "load_chexpert", "load_nih", "load_kermany", "load_csv", "load_folder"]
+__all__ = ["SOURCES", "load_source", "load_chexpert", "load_nih", "load_kermany", "load_csv", "load_folder",
+           "load_dicom"]

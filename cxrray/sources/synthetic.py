@@ -448,6 +448,18 @@ def render_study(
     (uncertain; drawn faintly or not at all); missing names are negative. Boxes are returned
     for positives only. The rng is consumed identically whatever the findings.
     """
+    img, boxes = render_study_unit(rng, findings, size, view)
+    return (img * 255.0 + 0.5).astype(np.uint8), boxes
+
+
+def render_study_unit(
+    rng: np.random.Generator, findings: dict[str, float], size: int, view: str = FRONTAL
+) -> tuple[np.ndarray, list[Box]]:
+    """render_study before its 8-bit rounding: float32 (H, W) in [0, 1] and the same boxes.
+
+    For writers that keep more than 8 bits (the DICOM fixture stores 12); the same rng state
+    gives the same picture as render_study.
+    """
     if view not in (FRONTAL, LATERAL):
         raise ValueError(f"view must be {FRONTAL!r} or {LATERAL!r}, got {view!r}")
     unknown = set(findings) - set(SYNTHETIC_FINDINGS)
@@ -469,15 +481,15 @@ def render_study(
 
 
 def _expose(s: _Scene, d: _Draws, noise: np.ndarray) -> np.ndarray:
-    """Scene -> film: air darkens, markings show in aerated lung, then exposure and noise."""
+    """Scene -> film in [0, 1] (float32): air darkens, markings show in aerated lung, then
+    exposure and noise."""
     air = np.maximum.reduce(s.lungs) * (1.0 - s.heart) * s.air_keep
     a = s.dense + 0.04 * s.heart + 0.04 - (0.34 + s.extra_air) * air
     a += 0.13 * s.vessels * air * s.vessel_keep
     for _ in range(2):  # low-frequency exposure non-uniformity
         a += d.u(0.0, 0.03) * np.cos(d.u(-3, 3) * s.X + d.u(-3, 3) * s.Y + d.u(0, 6.3))
     a = d.u(-0.05, 0.06) + d.u(0.85, 1.2) * a + d.u(0.012, 0.03) * noise
-    img = np.clip(a, 0.0, 1.0) ** d.u(0.85, 1.2)
-    return (img * 255.0 + 0.5).astype(np.uint8)
+    return np.clip(a, 0.0, 1.0) ** d.u(0.85, 1.2)
 
 
 # --------------------------------------------------------------------------- labels
@@ -596,6 +608,23 @@ def _plan_patient(config: SynthConfig, index: int, split: str, patient: str) -> 
     return studies
 
 
+def plan_studies(config: SynthConfig) -> list[_Study]:
+    """Every study the generator writes for `config` (patients, labels, views), in write order."""
+    return _plan(config)
+
+
+def image_rng(config: SynthConfig, st: _Study, view_no: int) -> np.random.Generator:
+    """The rng that renders view `view_no` (1-based) of study `st`: one picture, whatever the writer."""
+    return np.random.default_rng([config.seed, st.patient_index, st.study, view_no])
+
+
+def study_images(st: _Study) -> list[tuple[int, str, str]]:
+    """(view number, FRONTAL/LATERAL, CheXpert path of its JPEG) for each image of the study."""
+    views = [FRONTAL, LATERAL] if st.lateral else [FRONTAL]
+    return [(n, view, f"{ROOT_NAME}/{st.split}/{st.patient}/study{st.study}/view{n}_{view}.jpg")
+            for n, view in enumerate(views, start=1)]
+
+
 def _plan(config: SynthConfig) -> list[_Study]:
     n_valid = min(config.n_patients - 1, round(config.n_patients * config.valid_fraction))
     n_train = config.n_patients - n_valid
@@ -644,11 +673,8 @@ def write_synthetic_chexpert(
     boxes: list[list[str]] = []
     bar = _progress(len(studies), progress)
     for st in studies:
-        views = [FRONTAL, LATERAL] if st.lateral else [FRONTAL]
-        for view_no, view in enumerate(views, start=1):
-            rel = f"{ROOT_NAME}/{st.split}/{st.patient}/study{st.study}/view{view_no}_{view}.jpg"
-            rng = np.random.default_rng([config.seed, st.patient_index, st.study, view_no])
-            img, bxs = render_study(rng, st.render_findings(), config.size, view)
+        for view_no, view, rel in study_images(st):
+            img, bxs = render_study(image_rng(config, st, view_no), st.render_findings(), config.size, view)
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(out / rel, quality=config.jpeg_quality)
             rows[st.split].append(_csv_row(rel, st, view))
