@@ -2,7 +2,7 @@
 
 Four ways over the same files, side by side in one run, results to benchmarks/results/data.md:
 
-  single      one process, `imaging.load_image` + `transforms.preprocess_image` (x cores = CPU limit)
+  single      one process, `transforms.load_resized` (the model-input decode; x cores = CPU limit)
   dataloader  torch DataLoader, --cpus worker processes doing exactly that decode
   ray_files   `cxrray.data.files_dataset(aug=None)` on a local Ray with --cpus CPUs
   ray_shards  `cxrray.data.shards_dataset` over Parquet shards written once by `prepare_shards`
@@ -38,9 +38,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cxrray.imaging import load_image  # noqa: E402
 from cxrray.labels import LabelSpace  # noqa: E402
-from cxrray.transforms import Preprocess, preprocess_image  # noqa: E402
+from cxrray.transforms import Preprocess, load_resized  # noqa: E402
 
 log = logging.getLogger("bench_data")
 SPACE = LabelSpace(("y",))
@@ -81,14 +80,14 @@ class FileDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": torch.from_numpy(preprocess_image(load_image(self.paths[i]), self.pre)),
+        return {"image": torch.from_numpy(load_resized(self.paths[i], self.pre)[0]),
                 "labels": torch.zeros(1)}
 
 
 def run_single(paths: list[str], pre: Preprocess, batch: int) -> tuple[int, float]:
     def batches():
         for i in range(0, len(paths), batch):
-            yield {"image": np.stack([preprocess_image(load_image(p), pre) for p in paths[i:i + batch]])}
+            yield {"image": np.stack([load_resized(p, pre)[0] for p in paths[i:i + batch]])}
     return consume(batches())
 
 

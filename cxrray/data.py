@@ -19,9 +19,11 @@ import pyarrow as pa
 import ray
 
 from cxrray import storage
-from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, load_image
+from PIL import Image
+
+from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError
 from cxrray.labels import LabelSpace
-from cxrray.transforms import Augment, Preprocess, preprocess_image, train_image
+from cxrray.transforms import Augment, Preprocess, augment_native, load_resized, resize_native, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,9 @@ def decode_files(batch: dict, *, pre: Preprocess, aug: Augment | None, label_col
     images, errors = [], []
     for path in batch["path"]:
         try:
-            img = load_image(str(path), max_pixels=max_pixels, max_bytes=max_bytes)
-            images.append(train_image(img, pre, aug, rng))
+            # The same decode as scoring and Serve (predict.decode_one): JPEG draft, integer resize.
+            images.append(load_resized(str(path), pre, aug=aug, rng=rng, max_pixels=max_pixels,
+                                       max_bytes=max_bytes)[0])
         except ImageError as e:
             images.append(None)
             errors.append(f"{e.reason}: {e}")
@@ -70,8 +73,10 @@ def decode_shard_rows(batch: dict, *, pre: Preprocess, aug: Augment | None, labe
         img = np.frombuffer(raw, dtype=np.uint8).reshape(int(s), int(s))
         if aug is None and s == size:
             images.append(img[None])
+        elif aug is None:
+            images.append(resize_native(Image.fromarray(img), size)[None])
         else:
-            images.append(train_image(img.astype(np.float32) / 255.0, pre, aug, rng))
+            images.append(to_uint8(augment_native(Image.fromarray(img), size, aug, rng))[None])
     return _keep_good(images, _label_matrix(batch, label_cols), batch["image_id"], [], size)
 
 
@@ -167,7 +172,7 @@ def _write_shard(rows: pd.DataFrame, space_cols: list[str], size: int, out_file:
     pixels, keep, errors = [], [], []
     for i, path in enumerate(rows["path"]):
         try:
-            pixels.append(preprocess_image(load_image(str(path)), pre)[0].tobytes())
+            pixels.append(load_resized(str(path), pre)[0][0].tobytes())
             keep.append(i)
         except ImageError as e:
             errors.append(f"{e.reason}: {e}")

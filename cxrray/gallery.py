@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from cxrray.explain import display_image, gradcam, logit_index, overlay_rgb, upsample_map  # noqa: E402
 from cxrray.imaging import ImageError, load_image  # noqa: E402
 from cxrray.labels import MULTICLASS, sanitize  # noqa: E402
-from cxrray.transforms import preprocess_image  # noqa: E402
+from cxrray.transforms import load_resized  # noqa: E402
 
 if TYPE_CHECKING:
     from cxrray.predict import Predictor
@@ -58,16 +58,19 @@ def _short(path: str, width: int = 30) -> str:
 
 
 def _decode(predictor: Predictor, paths: Sequence[str], rows: Sequence[int], max_side: int) -> dict[int, tuple]:
-    """row -> (model input uint8 [1,S,S], picture uint8 (h, w)), one decode per file, the
-    model input made exactly as the Predictor makes it. Unreadable files are left out."""
+    """row -> (model input uint8 [1,S,S], picture uint8 (h, w)); the model input made exactly
+    as scoring makes it (transforms.load_resized), the picture from the full decode.
+    Unreadable files are left out."""
     out = {}
     for i in rows:
+        limits = {"max_pixels": predictor.max_pixels, "max_bytes": predictor.max_bytes}
         try:
-            pixels = load_image(paths[i], max_pixels=predictor.max_pixels, max_bytes=predictor.max_bytes)
+            image, _ = load_resized(paths[i], predictor.preprocess, **limits)
+            pixels = load_image(paths[i], **limits)
         except ImageError as e:
             log.warning("gallery: skipping %s: %s", paths[i], e)
             continue
-        out[i] = (preprocess_image(pixels, predictor.preprocess), display_image(pixels, max_side))
+        out[i] = (image, display_image(pixels, max_side))
     return out
 
 

@@ -9,6 +9,8 @@ DICOM (with or without the 128-byte preamble) is decoded by `cxrray.dicom`.
 
 `decode_bytes`/`load_image` return the array; `decode_bytes_info`/`load_image_info` return a
 `DecodedImage` that also carries warnings (e.g. `multi_frame`) and the DICOM identity.
+`decode_native` is the fast path behind the model input (`transforms.decode_resized`): 8-bit
+pictures stay 8-bit ("L"), JPEG is reduced in the DCT domain; only 16-bit and DICOM become float.
 
 Pure: numpy, Pillow and pydicom (pyarrow, lazily, for URIs). No Ray, no torch.
 """
@@ -201,11 +203,23 @@ class DecodedImage:
     for PNG/JPEG. No patient attribute (name, ID, birth date) is ever read into it.
     """
 
-    pixels: np.ndarray  # float32 (H, W) in [0, 1]
+    pixels: np.ndarray  # float32 (H, W) in [0, 1]; header-only placeholder from decode_native
     format: str  # "png", "jpeg" or "dicom"
     warnings: list[str] = field(default_factory=list)
     dicom: dict[str, str] = field(default_factory=dict)
     frames: int = 1  # frames in the file; only the first is decoded
+    shape: tuple[int, ...] = ()  # (H, W) of the image in the file, whatever was decoded
+
+    def __post_init__(self) -> None:
+        if not self.shape:
+            object.__setattr__(self, "shape", tuple(int(n) for n in self.pixels.shape[:2]))
+
+
+def header_only(shape: tuple[int, int]) -> np.ndarray:
+    """A zero-byte, read-only float32 array of `shape`: DecodedImage.pixels for decoders that never
+    build the full-resolution float picture, so code reading `pixels.shape` (qa.assess) still
+    sees the file's own size."""
+    return np.broadcast_to(np.zeros((), np.float32), tuple(shape))
 
 
 def decode_bytes(
@@ -273,6 +287,60 @@ def load_image_info(
     return decode_bytes_info(data, source=os.fspath(path), max_pixels=max_pixels)
 
 
+def decode_native(
+    data: bytes, *, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> tuple[Image.Image, DecodedImage]:
+    """Decode to a PIL image ready to resize: "L" for 8-bit pictures, "F" for 16-bit ones and
+    for DICOM after its LUTs (see native_from_unit), plus the DecodedImage metadata (its `pixels` is `header_only`, its `shape` the file's own size).
+
+    min_side: a JPEG is reduced in the DCT domain (Image.draft: 1/2, 1/4, 1/8) to the smallest
+    scale whose sides are all >= min_side, and decodes luma only; PNG and DICOM decode at full
+    size. DICOM goes through its Modality/VOI LUTs first (cxrray.dicom). Same checks and errors as decode_bytes_info.
+    """
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    fmt = _require_supported(data, source)
+    if fmt == "dicom":
+        from cxrray.dicom import decode_dicom
+
+        info = decode_dicom(data, source, max_pixels)
+        return native_from_unit(info.pixels), info
+    im, shape = _open_pil(data, fmt, source, max_pixels, min_side)
+    return im, DecodedImage(pixels=header_only(shape), format=fmt, shape=shape)
+
+
+def native_from_unit(img: np.ndarray) -> Image.Image:
+    """A [0, 1] float image as the image to resize: "L" when every value is k/255 (an 8-bit
+    source, exactly), otherwise "F" (float32; 16-bit and windowed DICOM values kept as they are).
+
+    Both decoders (decode_native and the float decode_bytes) end here or in narrow_16bit with
+    the same answer for the same values, so an image's model input depends only on its values,
+    never on which decoder produced them.
+    """
+    x = np.asarray(img, dtype=np.float32)
+    if _is_8bit(x):
+        return Image.fromarray(np.rint(x * np.float32(255)).astype(np.uint8))
+    # No clip: decoders give [0, 1] already, and the uint8 rounding after the resize clips anyway.
+    return Image.fromarray(np.ascontiguousarray(x), mode="F")
+
+
+def _is_8bit(x: np.ndarray) -> bool:
+    def exact(v: np.ndarray) -> bool:
+        return bool(np.array_equal(np.divide(np.rint(v * np.float32(255)), 255, dtype=np.float32), v))
+
+    flat = x.reshape(-1)
+    # A strided sample first: a windowed DICOM or 16-bit image fails it at once (no full passes).
+    return exact(flat[:: max(1, flat.size // 4096)]) and exact(flat)
+
+
+def narrow_16bit(u16: np.ndarray) -> Image.Image:
+    """16-bit samples -> "L" if all are multiples of 257 (8-bit values widened), else "F" of v / 65535
+    (the float decode's own values, so native_from_unit of those gives this same image)."""
+    if not np.any(u16 % np.uint16(257)):
+        return Image.fromarray((u16 // np.uint16(257)).astype(np.uint8))
+    return Image.fromarray(np.divide(u16, 65535, dtype=np.float32), mode="F")
+
+
 def to_uint8(img: np.ndarray) -> np.ndarray:
     """[0, 1] float image -> uint8 (rounded, values outside [0, 1] clipped), for shards/overlays."""
     return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -328,15 +396,25 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
 def _decode_pil(data: bytes, fmt: str, source: str, max_pixels: int) -> np.ndarray:
+    return _pil_to_unit(_open_pil(data, fmt, source, max_pixels, None, native=False)[0])
+
+
+def _open_pil(data: bytes, fmt: str, source: str, max_pixels: int, min_side: int | None,
+              native: bool = True) -> tuple[Image.Image, tuple[int, int]]:
+    """Open, check and load; native: also reduce a JPEG (draft) and bring the mode to L / F."""
     try:
         im = _PIL_OPENERS[fmt](io.BytesIO(data))
         _check_pixels(source, fmt.upper(), im.width, im.height, max_pixels)
+        shape = (im.height, im.width)
         # PIL would return a half-decoded image if someone set this process-wide flag;
         # we do not reset their setting, but we refuse to hand back a partial image.
         if ImageFile.LOAD_TRUNCATED_IMAGES and (cut := _pil_truncation(data, fmt)):
             raise TruncatedImage(source, cut)
+        if native and fmt == "jpeg":
+            # DCT-domain scaling, and libjpeg's own YCbCr -> luma (no chroma upsampling).
+            im.draft("L", (min_side, min_side) if min_side else im.size)
         im.load()
-        return _pil_to_unit(im)
+        return (_native_mode(im) if native else im), shape
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -348,6 +426,17 @@ def _decode_pil(data: bytes, fmt: str, source: str, max_pixels: int) -> np.ndarr
         if cut is not None:
             raise TruncatedImage(source, cut) from e
         raise CorruptImage(source, f"corrupt {fmt.upper()} ({e})") from e
+
+
+def _native_mode(im: Image.Image) -> Image.Image:
+    """L stays L; 16-bit samples (I;16*, or I from older writers) -> narrow_16bit; others -> L."""
+    if im.mode == "L":
+        return im
+    if im.mode in _SIXTEEN_BIT_MODES:
+        return narrow_16bit(np.asarray(im).astype(np.uint16, copy=False))
+    if im.mode == "I":
+        return narrow_16bit(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
+    return im.convert("L")  # ITU-R 601-2 luma, as _pil_to_unit
 
 
 def _pil_to_unit(im: Image.Image) -> np.ndarray:

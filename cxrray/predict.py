@@ -17,10 +17,10 @@ import torch
 
 from cxrray.artifact import load_artifact
 from cxrray.heads import logits_to_probs
-from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_bytes_info, load_image_info
+from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError
 from cxrray.labels import MULTICLASS
 from cxrray.qa import IDENTITY_FIELDS, ImageQA, assess, enforce
-from cxrray.transforms import Preprocess, preprocess_image
+from cxrray.transforms import Preprocess, decode_resized, load_resized
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,12 @@ def decode_one(path: str, pre: Preprocess, *, max_pixels: int, max_bytes: int,
     with strict, a DICOM that is not a chest radiograph)."""
     qa = ImageQA()
     try:
-        decoded = load_image_info(path, max_pixels=max_pixels, max_bytes=max_bytes)
+        # transforms.load_resized: the decode training and Serve use too (one definition, no skew);
+        # `decoded.shape` is the file's own size, which the QA's low_resolution check reads.
+        image, decoded = load_resized(path, pre, max_pixels=max_pixels, max_bytes=max_bytes)
         qa = assess(decoded)
         enforce(qa, path, strict=strict)
-        return preprocess_image(decoded.pixels, pre), None, qa
+        return image, None, qa
     except ImageError as e:
         return np.zeros((1, pre.size, pre.size), np.uint8), f"{e.reason}: {e}", qa
     except Exception as e:  # noqa: BLE001 - any other failure on one file must not kill the batch
@@ -153,10 +155,10 @@ class Predictor:
                            strict: bool | None = None) -> tuple[np.ndarray, ImageQA]:
         """Image bytes -> (uint8 [1,S,S], identity and QA warnings); raises imaging.ImageError
         for a bad file, and qa.NotAChestRadiograph in strict mode."""
-        decoded = decode_bytes_info(data, source=source, max_pixels=self.max_pixels)
+        image, decoded = decode_resized(data, self.preprocess, source=source, max_pixels=self.max_pixels)
         qa = assess(decoded)
         enforce(qa, source, strict=self.strict if strict is None else strict)
-        return preprocess_image(decoded.pixels, self.preprocess), qa
+        return image, qa
 
     def decisions(self, probs: np.ndarray) -> np.ndarray:
         """Boolean [N,K]: multi-label uses the per-class thresholds, multi-class the arg max."""

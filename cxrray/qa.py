@@ -52,7 +52,7 @@ def assess(decoded: DecodedImage) -> ImageQA:
         body = (identity["body_part"] or "").upper()
         if body and body not in CHEST_PARTS:
             warnings.append("not_chest")
-    elif min(decoded.pixels.shape[:2]) < MIN_SHORT_SIDE:
+    elif min(decoded.shape[:2]) < MIN_SHORT_SIDE:  # the file's own size, not the decoded (reduced) one
         warnings.append("low_resolution")
     return ImageQA(identity, sorted(set(warnings)))
 

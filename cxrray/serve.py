@@ -316,21 +316,18 @@ class CXRServer:
     def _decode_for_explain(self, data: bytes, source: str) -> tuple[Any, Any]:
         """Image bytes -> (model input uint8 [1,S,S], the picture uint8 (h, w) for overlays).
 
-        One decode for both: the model input is built exactly as `Predictor.prepare_bytes`
-        builds it; the picture is the same decoded (and, for DICOM, windowed) image at its own
-        resolution, its long side capped at overlay_max_side."""
+        The model input is built by `Predictor.prepare_bytes_info`, as for /predict; the picture
+        is the decoded (and, for DICOM, windowed) image at its own resolution, its long side
+        capped at overlay_max_side."""
         from cxrray.explain import display_image
         from cxrray.imaging import decode_bytes_info
-        from cxrray.transforms import preprocess_image
 
-        from cxrray.qa import assess, enforce
-
-        decoded = decode_bytes_info(data, source=source, max_pixels=self.predictor.max_pixels)
-        qa = assess(decoded)
-        enforce(qa, source, strict=self.args.strict)
-        pixels = decoded.pixels
-        return (preprocess_image(pixels, self.predictor.preprocess),
-                display_image(pixels, self.args.overlay_max_side)), qa
+        # The model input exactly as /predict builds it (transforms.decode_resized: JPEG DCT-domain
+        # reduction etc.), so Grad-CAM explains the scores /predict returns; the picture is the full
+        # decode, for the overlay at the upload's own resolution.
+        image, qa = self.predictor.prepare_bytes_info(data, source, strict=self.args.strict)
+        pixels = decode_bytes_info(data, source=source, max_pixels=self.predictor.max_pixels).pixels
+        return (image, display_image(pixels, self.args.overlay_max_side)), qa
 
     def _decode_for_predict(self, data: bytes, source: str):
         return self.predictor.prepare_bytes_info(data, source, strict=self.args.strict)

@@ -58,6 +58,8 @@ def normalize(path: str | os.PathLike) -> str:
     """A local path made absolute (resolved against the cwd, `~` expanded), a `file://` URI made
     local, any other URI returned as it is (minus a trailing slash)."""
     p = os.fspath(path)
+    if p.startswith("models:/"):  # an MLflow registry URI (cxrray.tracking resolves it), not a path
+        return p
     if p.startswith("file://"):
         p = urlsplit(p).path
     if is_uri(p):
@@ -306,6 +308,8 @@ def check_store(path: str | os.PathLike, *, what: str = "path") -> None:
     """Fail before any work when `path` cannot be used: a local name that is a mangled URI, a
     bucket that does not exist, missing or refused credentials. One line, with the fix."""
     p = os.fspath(path)
+    if p.startswith("models:/"):
+        return  # resolved (and its errors reported) by cxrray.tracking
     if not is_uri(p):
         local_path(p)
         return

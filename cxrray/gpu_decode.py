@@ -1,0 +1,122 @@
+"""JPEG batches decoded and resized on the GPU (nvJPEG via torchvision), with a CPU fallback.
+
+`decode_resized_batch(datas, pre, device=...)` gives the same contract as calling
+`transforms.decode_resized` on each item: uint8 [N, 1, S, S] model input, one entry per input.
+On a CUDA device, baseline/extended 8-bit JPEGs go to `torchvision.io.decode_jpeg(..., device=
+"cuda")` in one batched call (luma only), then an antialiased bilinear resize
+(`interpolate(antialias=True)`, Pillow's filter) on the GPU. Everything else (PNG, DICOM,
+progressive or 12-bit JPEG, a batch the GPU decoder refuses, no CUDA) goes through
+`transforms.decode_resized` on the CPU, item by item, so a CPU-only machine gets exactly the
+CPU path's bytes. The GPU path does not reduce in the DCT domain and rounds differently from
+Pillow: it is within the quality bar of the CPU path, not byte-identical (see
+benchmarks/results/decode.md), so use it for scoring and serving only where the model was
+validated on it, or for training and scoring alike.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Sequence
+
+import numpy as np
+
+from cxrray.imaging import DEFAULT_MAX_PIXELS, ImageError, sniff_format
+from cxrray.transforms import Preprocess, decode_resized
+
+log = logging.getLogger(__name__)
+
+_GPU_SOF = (0xC0, 0xC1)  # baseline, extended Huffman: what nvJPEG decodes in its GPU/hybrid backends
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(SOF marker, precision, height, width) of a JPEG from its header, or None if not found."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if pos + 9 > len(data):
+                return None
+            precision, height, width = struct.unpack_from(">BHH", data, pos + 4)
+            return marker, precision, height, width
+        pos += 2 + length
+    return None
+
+
+def gpu_decodable(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """True for an 8-bit baseline/extended JPEG within the pixel cap: nvJPEG's batched path."""
+    if sniff_format(data) != "jpeg":
+        return False
+    frame = jpeg_frame(data)
+    return (frame is not None and frame[0] in _GPU_SOF and frame[1] == 8
+            and 0 < frame[2] * frame[3] <= max_pixels)
+
+
+def resize_tensor(img, size: int):
+    """uint8 [1, H, W] tensor -> uint8 [1, S, S] on its device: antialiased bilinear, rounded."""
+    import torch
+
+    x = img.unsqueeze(0).float()
+    if tuple(x.shape[-2:]) != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+    return x.add_(0.5).clamp_(0, 255).to(torch.uint8)[0]
+
+
+def _torch_decode(datas: list[bytes], device: str) -> list:
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    return decode_jpeg(tensors, mode=ImageReadMode.GRAY, device=device)
+
+
+def decode_resized_batch(datas: Sequence[bytes], pre: Preprocess, *, device: str | None = None,
+                         sources: Sequence[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                         use_torch: bool | None = None) -> list[np.ndarray | ImageError]:
+    """Per input: uint8 [1, S, S], or the ImageError that says why it cannot be decoded.
+
+    device: "cuda" (or None: CUDA when available) decodes eligible JPEGs on the GPU; "cpu" keeps
+    the CPU path. use_torch=True forces torchvision's decoder and resize even on the CPU (tests
+    check the GPU path's arithmetic on machines without one).
+    """
+    sources = list(sources) if sources is not None else [f"<bytes {i}>" for i in range(len(datas))]
+    out: list[np.ndarray | ImageError | None] = [None] * len(datas)
+    on_gpu = device == "cuda" or (device is None and _cuda())
+    torch_device = "cuda" if on_gpu else "cpu"
+    if use_torch is None:
+        use_torch = on_gpu
+    todo = [i for i, d in enumerate(datas) if use_torch and gpu_decodable(bytes(d), max_pixels)]
+    if todo:
+        try:
+            decoded = _torch_decode([bytes(datas[i]) for i in todo], torch_device)
+            for i, img in zip(todo, decoded):
+                out[i] = resize_tensor(img, pre.size).cpu().numpy()
+        except (RuntimeError, ValueError) as e:  # one bad stream fails the batch: retry each on the CPU
+            log.debug("batched JPEG decode on %s failed (%s); CPU fallback", torch_device, e)
+            for i in todo:
+                out[i] = None
+    for i, item in enumerate(out):
+        if item is None:
+            try:
+                out[i] = decode_resized(bytes(datas[i]), pre, source=sources[i], max_pixels=max_pixels)[0]
+            except ImageError as e:
+                out[i] = e
+    return out  # type: ignore[return-value]
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
