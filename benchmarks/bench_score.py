@@ -6,6 +6,7 @@ budget (torch threads = --cpus; Ray: --cpus one-thread actors), interleaved, --r
 
     python benchmarks/bench_score.py compare --data ../shared/data/kermany/chest_xray/test \
         --model small_cnn --size 224 --cpus 2 --repeats 3
+    python benchmarks/bench_score.py compare --synthetic dicom --n-patients 100 --size 128   # the DICOM fixture
 
 scale: peak memory of a scoring run (driver + every Ray process it started, sampled from
 /proc) on generated archives of growing size; streaming means it should not grow with N.
@@ -61,9 +62,18 @@ def plain_loop(artifact: Path, paths: list[str], batch_size: int, threads: int) 
     torch.set_num_threads(threads)
     model, meta = load_artifact(artifact)
     s = meta.preprocess.size
+    def load(p: str) -> np.ndarray:
+        if p.endswith(".dcm"):  # what a script does with DICOM: pixel_array, min-max to 8 bits
+            import pydicom
+
+            a = pydicom.dcmread(p).pixel_array.astype(np.float32)
+            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6) * 255
+            return np.asarray(Image.fromarray(a.astype(np.uint8)).resize((s, s), Image.BILINEAR))
+        return np.asarray(Image.open(p).convert("L").resize((s, s), Image.BILINEAR))
+
     with torch.inference_mode():
         for i in range(0, len(paths), batch_size):
-            imgs = [np.asarray(Image.open(p).convert("L").resize((s, s), Image.BILINEAR)) for p in paths[i : i + batch_size]]
+            imgs = [load(p) for p in paths[i : i + batch_size]]
             logits_to_probs(model(torch.from_numpy(np.stack(imgs)[:, None])), meta.label_space).numpy()
     return time.perf_counter() - t0
 
@@ -76,6 +86,15 @@ def compare(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_score_"))
     try:
         art = make_artifact(work / "art", args.model, args.size)
+        if args.synthetic:
+            # The synthetic phantoms as an archive: their JPEGs, or the same images as CR/DX DICOM
+            # in every transfer syntax this install can write (the hospital case).
+            from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
+            from cxrray.sources.synthetic_dicom import write_synthetic_dicom
+
+            syn = SynthConfig(n_patients=args.n_patients, size=args.synthetic_size, seed=0)
+            jpeg = write_synthetic_chexpert(work / "syn", syn)
+            args.data = str(write_synthetic_dicom(work / "syn", syn).root if args.synthetic == "dicom" else jpeg.root)
         inputs = list_inputs(args.data)
         if args.limit:
             inputs = inputs.head(args.limit)
@@ -234,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--chunk-size", type=int, default=1024)
     c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--synthetic", choices=("jpeg", "dicom"), default=None,
+                   help="score a generated archive instead of --data: the synthetic JPEGs or their DICOM copy")
+    c.add_argument("--n-patients", type=int, default=100, help="--synthetic: patients to generate")
+    c.add_argument("--synthetic-size", type=int, default=512, help="--synthetic: image size (px)")
     s = sub.add_parser("scale")
     s.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
     s.add_argument("--archive", default="/tmp/cxrray_bench_archive")
