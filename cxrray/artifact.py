@@ -111,8 +111,19 @@ def _not_an_artifact(directory: str) -> ArtifactError:
                          "run's artifacts/best directory")
 
 
+def from_registry(directory: str | Path) -> str | Path:
+    """`models:/name/3` or `models:/name@alias` -> the registered artifact's location, resolved
+    through MLflow (cxrray.tracking, MLFLOW_TRACKING_URI); any other path as it is."""
+    if "models:/" not in os.fspath(directory):
+        return directory
+    from cxrray import tracking  # mlflow loads only for registry URIs
+
+    uri = tracking.model_uri(directory)
+    return tracking.resolve_model_uri(uri) if uri else directory
+
+
 def read_meta(directory: str | Path) -> ModelMeta:
-    d = storage.normalize(directory)
+    d = storage.normalize(from_registry(directory))
     try:
         text = storage.read_text(storage.join(d, META))
     except FileNotFoundError:
@@ -131,7 +142,7 @@ def localize(directory: str | Path, attempts: int = 5) -> Path:
     once per model_id into the cache (CXRRAY_CACHE, default ~/.cache/cxrray), so every replica
     and actor on a node after the first loads from local disk. The weights are checked against
     the sha256 in model.json, which also catches a read that raced a re-publish."""
-    d = storage.normalize(directory)
+    d = storage.normalize(from_registry(directory))
     if not storage.is_uri(d):
         return Path(d)
     for attempt in range(attempts):

@@ -1,4 +1,4 @@
-"""`cxrray demo|synth|manifest|leakage|prepare|train|evaluate|score|serve`.
+"""`cxrray demo|synth|manifest|leakage|prepare|train|evaluate|score|register|serve`.
 
 Every subcommand prints a human summary and, with --json, a machine-readable summary as the
 last line of standard output. `main(argv)` takes a list so tests drive it end to end.
@@ -34,13 +34,23 @@ def _split_fracs(text: str) -> tuple[float, float, float]:
 def cmd_synth(args: argparse.Namespace) -> int:
     from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
 
-    s = write_synthetic_chexpert(args.out, SynthConfig(n_patients=args.n_patients, size=args.size, seed=args.seed),
-                                 progress=not args.json)
+    config = SynthConfig(n_patients=args.n_patients, size=args.size, seed=args.seed)
+    s = write_synthetic_chexpert(args.out, config, progress=not args.json)
     prevalence = ", ".join(f"{k} {v:.0%}" for k, v in s.prevalence.items())
-    _emit(args, f"wrote {s.n_images} synthetic chest X-rays of {s.n_patients} patients to {s.root} in "
-                f"{s.seconds:.1f}s\n  prevalence: {prevalence}\n  boxes: {s.boxes_csv}",
-          {"root": s.root, "n_images": s.n_images, "n_patients": s.n_patients, "prevalence": s.prevalence,
-           "train_csv": s.train_csv, "valid_csv": s.valid_csv, "boxes_csv": s.boxes_csv, "seconds": s.seconds})
+    human = (f"wrote {s.n_images} synthetic chest X-rays of {s.n_patients} patients to {s.root} in "
+             f"{s.seconds:.1f}s\n  prevalence: {prevalence}\n  boxes: {s.boxes_csv}")
+    summary = {"root": s.root, "n_images": s.n_images, "n_patients": s.n_patients, "prevalence": s.prevalence,
+               "train_csv": s.train_csv, "valid_csv": s.valid_csv, "boxes_csv": s.boxes_csv, "seconds": s.seconds}
+    if args.dicom:
+        from cxrray.sources.synthetic_dicom import write_synthetic_dicom
+
+        d = write_synthetic_dicom(args.out, config, progress=not args.json)
+        human += (f"\n  DICOM copy: {d.n_images} CR/DX files in {d.root} ({d.seconds:.1f}s), labels {d.labels_csv}"
+                  f"\n  transfer syntaxes: {', '.join(f'{k} {v}' for k, v in d.syntaxes.items())}"
+                  + (f"\n  not writable here: {', '.join(d.unavailable)}" if d.unavailable else ""))
+        summary["dicom"] = {"root": d.root, "labels_csv": d.labels_csv, "n_images": d.n_images,
+                            "syntaxes": d.syntaxes, "unavailable": d.unavailable, "seconds": d.seconds}
+    _emit(args, human, summary)
     return 0
 
 
@@ -65,6 +75,9 @@ def _source_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.source == "csv":
         opts.update(path_col=args.path_col, label_cols=args.label_cols.split(",") if args.label_cols else None,
                     class_col=args.class_col, patient_col=args.patient_col, split_col=args.split_col)
+    if args.source == "dicom":
+        opts.update(labels_csv=args.labels_csv, join_on=args.join_on, salt=args.salt,
+                    label_cols=args.label_cols.split(",") if args.label_cols else None)
     if args.no_check_files and args.source in ("chexpert", "synthetic", "nih", "csv"):
         opts["check_files"] = False
     return opts
@@ -193,6 +206,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from cxrray import tracking
+
+    res = tracking.register(args.name, run_dir=args.run_dir, artifact=args.artifact, alias=args.alias,
+                            tracking_uri=args.tracking_uri, experiment=args.experiment)
+    serve_uri = res.get("alias_uri", res["uri"])
+    _emit(args, f"registered {res['uri']} (model_id {res['model_id']}, MLflow run {res['run_id']})"
+                + (f"\n  alias: {res['alias_uri']}" if "alias_uri" in res else "")
+                + f"\n  serve it: MLFLOW_TRACKING_URI={res['tracking_uri']} cxrray serve --artifact {serve_uri}", res)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cxrray.demo import DemoConfig, run_demo
 
@@ -209,12 +234,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxrray", description=__doc__.split("\n")[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, and Ray's own log lines (hidden by default: they are in Ray's log directory)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+        # also after the subcommand (`cxrray train -v ...`); SUPPRESS keeps `cxrray -v train`'s value
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as cxrray -v")
         sp.set_defaults(fn=fn)
         return sp
 
@@ -235,9 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-patients", type=int, default=300)
     s.add_argument("--size", type=int, default=128)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dicom", action="store_true",
+                   help="also write the images as CR/DX DICOM (every installed transfer syntax) under OUT/dicom")
 
     m = add("manifest", cmd_manifest, "build a manifest (and patient split) from a dataset")
-    m.add_argument("--source", required=True, help="chexpert, synthetic, nih, kermany, csv, folder")
+    m.add_argument("--source", required=True, help="chexpert, synthetic, nih, kermany, csv, folder, dicom")
     m.add_argument("--root", required=True, help="dataset root (for csv: the CSV file)")
     m.add_argument("--out", required=True, help="manifest .parquet to write")
     m.add_argument("--split", type=_split_fracs, default=None, help="train,valid,test fractions, by patient")
@@ -251,7 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-official-split", action="store_true", help="ignore the source's own train/valid split")
     m.add_argument("--classes", type=int, default=2, help="Kermany: 2 or 3 classes")
     m.add_argument("--path-col", default="path")
-    m.add_argument("--label-cols", default=None, help="csv: comma-separated label columns")
+    m.add_argument("--label-cols", default=None, help="csv, dicom: comma-separated label columns")
+    m.add_argument("--labels-csv", default=None, help="dicom: CSV of labels joined on --join-on")
+    m.add_argument("--join-on", default="SOPInstanceUID", choices=("SOPInstanceUID", "AccessionNumber"),
+                   help="dicom: the labels CSV's key (AccessionNumber: one row per study)")
+    m.add_argument("--salt", default=None,
+                   help="dicom: salt for hashing PatientID (prefer $CXRRAY_PATIENT_SALT: argv is visible in ps)")
     m.add_argument("--class-col", default=None, help="csv: one column of class names (multi-class)")
     m.add_argument("--patient-col", default=None)
     m.add_argument("--split-col", default=None)
@@ -289,6 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc = add("score", score_mod.run, "bulk-score an image archive (folder, glob, CSV/Parquet, s3://) to Parquet")
     score_mod.add_arguments(sc, json_flag=False)
 
+    rg = add("register", cmd_register, "register a run's best artifact as an MLflow model version")
+    which = rg.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-dir", help="a training run's dir (its MLflow run, from tracking.json)")
+    which.add_argument("--artifact", help="any artifact dir or URI (logged into a new MLflow run first)")
+    rg.add_argument("--name", required=True, help="registered model name, e.g. cxrray-chexpert")
+    rg.add_argument("--alias", default=None, help="point this alias at the version, e.g. production")
+    rg.add_argument("--tracking-uri", default=None,
+                    help="MLflow store (default: the run's own; for --artifact, $MLFLOW_TRACKING_URI)")
+    rg.add_argument("--experiment", default="cxrray", help="--artifact: the experiment of the new run")
+
     sv = add("serve", cmd_serve, "serve an artifact over HTTP with Grad-CAM (Ray Serve)")
     sv.add_argument("--artifact", required=True)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
@@ -296,14 +341,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RAY_COMMANDS = frozenset({"demo", "prepare", "train", "score", "serve"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from cxrray.storage import StorageError
 
+    from cxrray import console
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # cxrray's lines by default; Ray's own (its INFO lines, its actors' output) with -v.
+    console.setup_console(args.verbose, uses_ray=args.command in RAY_COMMANDS)
     try:
-        return args.fn(args)
+        rc = args.fn(args)
+        if args.command in RAY_COMMANDS and args.command != "demo" and console.ray_log_dir():
+            log.info("Ray's own logs: %s%s", console.ray_log_dir(), "" if args.verbose else "  (-v prints them here)")
+        return rc
     except (ValueError, FileNotFoundError, StorageError) as e:
         # User errors (bad CSV, missing column, wrong path) get one clear line, not a traceback.
         log.error("%s", e)

@@ -71,6 +71,14 @@ class TrainConfig:
     placement_strategy: str = "PACK"
     ray_address: str | None = None
 
+    # Experiment tracking (MLflow, cxrray/tracking.py): params, per-epoch metrics, plots and the
+    # best artifact. The default store needs no server: sqlite:///<storage_path>/mlflow.db with
+    # artifacts in <storage_path>/mlruns. SQLite cannot live on an object store, so with an
+    # s3://... storage_path tracking is off unless tracking_uri (or MLFLOW_TRACKING_URI) is set.
+    tracking: bool = True
+    tracking_uri: str | None = None  # http://mlflow:5000, sqlite:////shared/mlflow.db, ...; beats MLFLOW_TRACKING_URI
+    experiment: str = "cxrray"  # the MLflow experiment's name
+
     def resolved_storage(self) -> str:
         """An absolute local path, or the URI as given: Ray Train takes `s3://...` unchanged."""
         return storage.normalize(self.storage_path)

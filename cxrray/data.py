@@ -208,13 +208,14 @@ def prepare_shards(df: pd.DataFrame, space: LabelSpace, out_dir: str | Path, *, 
                 meta.append((split, len(rows), []))
                 continue
             futures.append((split, write.remote(rows, list(space.columns), size, out_file)))
-    done = 0
-    from tqdm import tqdm
+    from cxrray.console import Progress
 
-    for split, fut in tqdm(futures, desc="prepare shards", unit="shard", disable=not progress):
-        n, errs = ray.get(fut)
-        meta.append((split, n, errs))
-        done += n
+    # A bar on a terminal, a log line every N seconds otherwise (job logs).
+    with Progress("prepare shards", len(futures), unit="shard", rate_unit="img", enabled=progress) as bar:
+        for split, fut in futures:
+            n, errs = ray.get(fut)
+            meta.append((split, n, errs))
+            bar.update(1, amount=n)
     shards, images, errors = {}, {}, {}
     for split, n, errs in meta:
         shards[split] = shards.get(split, 0) + 1

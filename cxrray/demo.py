@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cxrray import storage
+from cxrray import console, storage
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class DemoSummary:
     predict_latency_ms_p50: float | None = None
     explain_latency_ms: float | None = None
     url: str | None = None  # only while Serve is kept running (--serve)
+    dicom_copy: dict = field(default_factory=dict)  # the test split as DICOM, scored and compared
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
 
@@ -65,6 +67,11 @@ class DemoSummary:
                  f"{self.score_images_per_s:.1f} images/s",
                  f"  Serve /predict p50   {f(self.predict_latency_ms_p50, '{:.0f} ms')};  /explain "
                  f"{f(self.explain_latency_ms, '{:.0f} ms')}"]
+        if self.dicom_copy:
+            d = self.dicom_copy
+            lines.append(f"  DICOM copy           {d['images']} images in {len(d['syntaxes'])} transfer syntaxes, "
+                         f"{d['joined']} joined back by SOP Instance UID, {d['errors']} errors; "
+                         f"|p(DICOM) - p(JPEG)| mean {d['mean_abs_diff']:.4f}, max {d['max_abs_diff']:.4f}")
         lines += [f"  {k:20s} {v}" for k, v in self.outputs.items()]
         if self.url:
             lines.append(f"  web page             {self.url}  (Ctrl-C to stop)")
@@ -103,7 +110,7 @@ def _dataset(cfg: DemoConfig, out: str, s: DemoSummary):
             # Rendered on local disk, then published: --out may be a bucket prefix.
             local = Path(root) if not storage.is_uri(root) else Path(tmp)
             syn = write_synthetic_chexpert(local, SynthConfig(n_patients=cfg.n_patients, size=cfg.size,
-                                                              seed=cfg.seed), progress=True)
+                                                              seed=cfg.seed), progress=sys.stderr.isatty())
             if storage.is_uri(root):
                 storage.upload_dir(local, root)
             s.outputs["synthetic data"] = storage.join(root, Path(syn.root).name)
@@ -118,14 +125,45 @@ def _dataset(cfg: DemoConfig, out: str, s: DemoSummary):
         res = load_source(cfg.source, root, **options)
         df = assign_splits(res.manifest, res.label_space, (0.7, 0.15, 0.15), seed=cfg.seed,
                            respect_existing=res.manifest["split"].notna().any())
-        leak = check_leakage(df)
-        log.info("%s", leak.summary())
+        check_leakage(df)  # logs its summary
         path = write_manifest(df, res.label_space, storage.join(out, "manifest.parquet"), info={"source": cfg.source})
         s.outputs["manifest"] = str(path)
     # small_cnn from scratch learns the synthetic findings fastest with plain BCE at 1e-3
     # (jobs/configs/synthetic_demo.yaml says the same); multi-class sources need CE.
     loss = "ce" if res.label_space.task == "multiclass" else "bce"
     return path, loss
+
+
+def _score_dicom_copy(cfg: DemoConfig, out: str, test, artifact: str, jpeg_predictions: str,
+                      s: DemoSummary) -> None:
+    """Write the test split again as CR/DX DICOM (every transfer syntax this install can write),
+    bulk-score it, join the rows back to the JPEG twins by SOP Instance UID and compare."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+
+    from cxrray.score import ScoreConfig, read_predictions, score
+    from cxrray.sources.synthetic import SynthConfig
+    from cxrray.sources.synthetic_dicom import write_synthetic_dicom
+
+    dest = storage.join(out, "dicom_copy")
+    with tempfile.TemporaryDirectory(prefix="cxrray-dcm-") as tmp:
+        written = write_synthetic_dicom(tmp, SynthConfig(n_patients=cfg.n_patients, size=cfg.size, seed=cfg.seed),
+                                        image_ids=test["image_id"])
+        storage.upload_dir(tmp, dest)
+    summ = score(ScoreConfig(artifact=artifact, input=storage.join(dest, "dicom"),
+                             out=storage.join(out, "predictions_dicom"), actors=cfg.score_actors))
+    dcm = read_predictions(storage.join(out, "predictions_dicom"))
+    labels = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(dest, "dicom_labels.csv"))), dtype=str)
+    joined = dcm.merge(labels[["SOPInstanceUID", "chexpert_path"]], left_on="sop_uid", right_on="SOPInstanceUID")
+    jpeg = read_predictions(jpeg_predictions).set_index("image_id")
+    cols = [c for c in dcm.columns if c.startswith("p_")]
+    diff = np.abs(joined[cols].to_numpy(np.float64) - jpeg.loc[joined["chexpert_path"], cols].to_numpy(np.float64))
+    s.dicom_copy = {"images": len(dcm), "joined": int(len(joined)), "errors": summ["errors"],
+                    "syntaxes": written.syntaxes, "mean_abs_diff": float(np.nanmean(diff)) if diff.size else 0.0,
+                    "max_abs_diff": float(np.nanmax(diff)) if diff.size else 0.0}
+    s.outputs["DICOM predictions"] = storage.join(out, "predictions_dicom")
 
 
 def _serve_round_trip(artifact: str, image_path: str, out: str, s: DemoSummary, port: int) -> str:
@@ -188,7 +226,7 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
             gallery = [v for k, v in ev.outputs.items() if k.startswith("gradcam_gallery_")]
             if gallery:
                 s.outputs["Grad-CAM gallery"] = f"{len(gallery)} PNGs, e.g. {gallery[0]}"
-        with Stage(s, 5, "bulk-score the test split to Parquet"):
+        with Stage(s, 5, "bulk-score the test split to Parquet (JPEG, then its DICOM copy)"):
             from cxrray.manifest import read_manifest
 
             df, _ = read_manifest(manifest)
@@ -199,10 +237,14 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
             s.images_scored, s.score_errors = summ["rows"], summ["errors"]
             s.score_images_per_s = summ["images_per_s"]
             s.outputs["predictions"] = summ["output"]
+            if cfg.source == "synthetic":
+                _score_dicom_copy(cfg, out, test, str(res.best_artifact), summ["output"], s)
         with Stage(s, 6, "Serve: /predict and /explain over HTTP"):
             url = _serve_round_trip(res.best_artifact, test["path"].iloc[0], out, s, cfg.port)
             if cfg.keep_serving:
                 s.url = url
+        if console.ray_log_dir():
+            s.outputs["Ray logs"] = console.ray_log_dir() + ("" if console.verbose() else "  (-v prints them here)")
         s.seconds = time.time() - start
         storage.write_json(storage.join(out, "summary.json"), s.to_dict())
         if cfg.keep_serving:

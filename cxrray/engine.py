@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cxrray.console import Progress
 from cxrray.heads import eval_targets, logits_to_probs
 from cxrray.labels import LabelSpace
 from cxrray.metrics import Metrics, best_f1_thresholds, compute_metrics
@@ -81,35 +82,60 @@ def train_one_epoch(
     grad_clip: float | None = None,
     channels_last: bool = False,
     max_steps: int | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, float]:
+    """progress: reports steps (and images/s, loss) within the epoch; the default is a tqdm bar
+    on a terminal and a log line every CXRRAY_PROGRESS_EVERY_S seconds otherwise, with an ETA
+    when the number of steps is known (`len(batches)` or max_steps)."""
+    if progress is None:
+        progress = Progress("train", _known_len(batches, max_steps), unit="steps", rate_unit="img")
     model.train()
     total, images, steps = 0.0, 0, 0
     start = time.perf_counter()
-    for batch in batches:
-        x, y = to_device(batch, device, channels_last)
-        with precision.autocast(device):
-            loss = compute_loss(model(x), y, loss_fn)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        total += float(loss.detach()) * len(x)
-        images += len(x)
-        steps += 1
-        if max_steps and steps >= max_steps:
-            break
+    with progress:
+        for batch in batches:
+            loss_value, n = _train_step(model, batch, optimizer, loss_fn, device=device, precision=precision,
+                                        scaler=scaler, grad_clip=grad_clip, channels_last=channels_last)
+            total += loss_value * n
+            images += n
+            steps += 1
+            progress.update(1, amount=n, loss=total / images)
+            if max_steps and steps >= max_steps:
+                break
     seconds = time.perf_counter() - start
     return {"loss": total / max(images, 1), "images": images, "seconds": seconds,
             "images_per_s": images / seconds if seconds > 0 else 0.0}
+
+
+def _known_len(batches: Iterable, max_steps: int | None) -> int | None:
+    try:
+        n = len(batches)  # type: ignore[arg-type]
+    except TypeError:  # a generator or a Ray Data iterator: unknown
+        return max_steps or None
+    return min(n, max_steps) if max_steps else n
+
+
+def _train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, loss_fn: Callable, *,
+                device: torch.device, precision: Precision, scaler: torch.amp.GradScaler | None,
+                grad_clip: float | None, channels_last: bool) -> tuple[float, int]:
+    """One optimiser step; returns (mean loss, batch size)."""
+    x, y = to_device(batch, device, channels_last)
+    with precision.autocast(device):
+        loss = compute_loss(model(x), y, loss_fn)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return float(loss.detach()), len(x)
 
 
 @torch.no_grad()

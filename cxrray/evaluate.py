@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from cxrray import storage
+from cxrray.console import Progress
 from cxrray.gallery import gradcam_gallery
 from cxrray.heads import eval_targets
 from cxrray.labels import sanitize
@@ -72,6 +73,19 @@ def markdown_report(res: EvalResult, split: str, manifest: str, gallery: Sequenc
     return "\n".join(lines)
 
 
+def _predict(predictor: Predictor, paths: list[str], batch_size: int) -> dict[str, np.ndarray]:
+    """predict_paths one batch at a time, for the progress report (a bar on a terminal, a log
+    line every CXRRAY_PROGRESS_EVERY_S seconds otherwise)."""
+    parts = []
+    with Progress("evaluate", len(paths), unit="img", logger=log) as progress:
+        for i in range(0, len(paths), batch_size):
+            parts.append(predict_paths(predictor, paths[i : i + batch_size], batch_size=batch_size))
+            progress.update(len(parts[-1]["error"]))
+    if not parts:
+        return predict_paths(predictor, [], batch_size=batch_size)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def evaluate(artifact: str | Path, manifest: str | Path, out_dir: str | Path, *, split: str = "test",
              bootstrap: int = 1000, batch_size: int = 64, gallery_k: int = 4) -> EvalResult:
     """gallery_k: true and false positives per class in the Grad-CAM gallery (0: no gallery)."""
@@ -87,7 +101,7 @@ def evaluate(artifact: str | Path, manifest: str | Path, out_dir: str | Path, *,
     rows = df[df["split"] == split]
     if rows.empty:
         raise ValueError(f"{manifest}: split {split!r} is empty (splits: {df['split'].value_counts().to_dict()})")
-    pred = predict_paths(predictor, rows["path"].tolist(), batch_size=batch_size)
+    pred = _predict(predictor, rows["path"].tolist(), batch_size)
     ok = np.array([e is None for e in pred["error"]])
     probs = np.stack([pred[c] for c in space.prob_columns], axis=1)[ok]
     import torch

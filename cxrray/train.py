@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,9 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxrray import storage
+from cxrray import storage, tracking
 from cxrray.artifact import ModelMeta, read_meta, save_artifact, unwrap, write_local
 from cxrray.config import TrainConfig, build, save_config, to_dict
+from cxrray import console
+from cxrray.console import Progress, setup_worker_logging
 from cxrray.engine import Precision, cosine_lr, predict_batches, score_predictions, set_lr, train_one_epoch
 from cxrray.labels import LabelSpace, resolve_label_names
 from cxrray.losses import ClassWeights, make_loss, upsample_rare
@@ -97,7 +100,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_worker_logging(config.get("verbose", False))  # cxrray's lines; Ray's only when verbose
     cfg = build(TrainConfig, config["cfg"])
     space = LabelSpace.from_dict(config["space"])
     ctx = ray.train.get_context()
@@ -143,7 +146,8 @@ def train_loop_per_worker(config: dict) -> None:
                                                  local_shuffle_buffer_size=4 * cfg.batch_size)
         stats = train_one_epoch(model, batches, optimizer, loss_fn, device=device, precision=precision,
                                 scaler=scaler, grad_clip=cfg.grad_clip, channels_last=channels_last,
-                                max_steps=cfg.max_steps_per_epoch)
+                                max_steps=cfg.max_steps_per_epoch,
+                                progress=_epoch_progress(epoch, cfg, config["n_train"], rank, world))
         row = None
         if rank == 0:
             probs, targets, vloss = predict_batches(unwrap(model), valid_shard.iter_torch_batches(batch_size=128),
@@ -173,6 +177,8 @@ def train_loop_per_worker(config: dict) -> None:
                      epoch + 1, cfg.epochs, row["train_loss"], row["val_loss"],
                      f"{row['val_mean_auroc']:.4f}" if row["val_mean_auroc"] is not None else "n/a",
                      row["train_images_per_s"], "  (best)" if improved else "")
+            tracking.log_epoch(config.get("tracking"), row, best=best,
+                               roc=(space, targets, probs, metrics) if improved else None)
             meta = _meta(cfg, config, space, pre, row["thresholds"], history)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt_dir = write_local(Path(tmp) / "checkpoint", model, meta)
@@ -193,6 +199,15 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 log.info("early stopping: no val mean AUROC gain for %d epochs", stale)
             break
+
+
+def _epoch_progress(epoch: int, cfg: TrainConfig, n_train: int, rank: int, world: int) -> Progress:
+    """Rank 0 reports steps within the epoch (its stderr is relayed, so: a line every N s)."""
+    steps = math.ceil(n_train / world / cfg.batch_size)  # streaming_split gives each rank n/world rows
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    return Progress(f"epoch {epoch + 1}/{cfg.epochs}", steps, unit="steps", rate_unit="img", enabled=rank == 0,
+                    logger=log)
 
 
 class NoReadableImages(RuntimeError):
@@ -260,9 +275,12 @@ def init_ray(address: str | None, worker_cpus: int) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")  # set for `ray job submit` drivers
     if address:
         ray.init(address=address, configure_logging=False)
+        console.after_ray_init()
         return False
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=max(cores, worker_cpus + 2), include_dashboard=False, configure_logging=False)
+    with console.local_dashboard() as dashboard:  # Ray Train's actors need its State API
+        ray.init(num_cpus=max(cores, worker_cpus + 2), configure_logging=False, **dashboard)
+    console.after_ray_init()
     return True
 
 
@@ -332,6 +350,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     run_dir = cfg.run_dir
     storage.makedirs(run_dir)
     save_config(cfg, storage.join(run_dir, "config.yaml"))
+    track = tracking.start(cfg, run_dir, {"n_train": len(train_df), "n_valid": len(valid_df),
+                                          "fingerprint": data_fingerprint(df), "labels": ",".join(space.names)})
     gpu = use_gpu(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -339,13 +359,16 @@ def train(cfg: TrainConfig) -> TrainResult:
             "cfg": to_dict(cfg), "space": space.to_dict(), "preprocess": pre.to_dict(),
             "class_weights": {"pos": weights.pos, "neg": weights.neg}, "run_dir": run_dir,
             "fingerprint": data_fingerprint(df), "n_train": len(train_df), "n_valid": len(valid_df),
+            "tracking": track,  # MLflow: rank 0 logs each epoch to this run (None: tracking off)
+            "verbose": console.verbose(),  # -v: Ray's own lines on the workers too
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=cfg.run_name, storage_path=cfg.resolved_storage(),  # a URI goes as it is
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=console.train_logging_config()),
         datasets={"train": train_ds, "valid": valid_ds},
         # valid is not split: rank 0 scores all of it so AUROC sees every image once.
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -353,6 +376,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     log.info("training %s on %d train / %d valid images, %d workers (%s), run dir %s", cfg.model, len(train_df),
              len(valid_df), cfg.num_workers, "GPU" if gpu else "CPU", run_dir)
     result = trainer.fit()
+    tracking.finish(track, run_dir, failed=result.error is not None)
     best_dir, last_dir = storage.join(run_dir, "artifacts", "best"), storage.join(run_dir, "artifacts", "last")
     if result.error and not storage.exists(storage.join(last_dir, "model.json")):
         raise result.error

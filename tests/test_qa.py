@@ -3,7 +3,6 @@ checks on real pydicom test files and generated DX objects, then a scoring run a
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np

@@ -14,10 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import requests
-from PIL import Image
 
 from cxrray import storage
 from cxrray.cli import main

@@ -1,0 +1,148 @@
+"""The console of `cxrray train`, run as a user runs it (a subprocess with its own Ray): cxrray's
+lines only, a bounded count, Ray's lines back with -v, a worker's error in full; plus the
+progress reporter and the relay rule, which need no Ray."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cxrray.console import Progress, keep_relayed_line
+from cxrray.manifest import read_manifest, write_manifest
+from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "jobs" / "configs" / "synthetic_demo.yaml"
+EPOCHS = 2
+RAY_LINES = ("PlacementGroupCleaner", "TrainingReport(", "Execution plan", "Starting execution of Dataset")
+# A 2-epoch run's own lines: 1 "training ...", 1 per epoch, 1 for Ray's log directory, the
+# 3-line human summary and the JSON line: 8, plus ~3 from MLflow tracking: 11. Step progress adds
+# one line a CXRRAY_PROGRESS_EVERY_S (30 s) per epoch, 0-2 here on a loaded 2-core machine.
+# Before this bound existed the same run printed 55 lines (19 of them PlacementGroupCleaner
+# warnings, one a second of training), and a longer run grows by one such line every second.
+MAX_LINES = 20
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """60 synthetic patients at 32 px (~65 train / 15 valid images) and the manifest that
+    `cxrray train` would build from the demo config's source/root."""
+    from cxrray.config import TrainConfig, load_config
+    from cxrray.train import ensure_manifest
+
+    tmp = tmp_path_factory.mktemp("console")
+    write_synthetic_chexpert(tmp / "syn", SynthConfig(n_patients=60, size=32, seed=0), progress=False)
+    ensure_manifest(load_config(TrainConfig, DEMO_CONFIG, [f"root={tmp / 'syn'}",
+                                                           f"manifest={tmp / 'manifest.parquet'}"]))
+    return tmp
+
+
+def cxrray(tmp: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`cxrray [args]` in a fresh process, with the environment a user has (no pytest, no TTY)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "cxrray.cli", *args], cwd=tmp, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def train_args(tmp: Path, *overrides: str) -> list[str]:
+    return ["train", "--config", str(DEMO_CONFIG), f"root={tmp / 'syn'}", f"manifest={tmp / 'manifest.parquet'}",
+            f"storage_path={tmp / 'runs'}", f"epochs={EPOCHS}", "num_workers=2", "model=tiny_cnn", "image_size=32",
+            *overrides]
+
+
+def lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return (proc.stdout + proc.stderr).splitlines()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_console_shows_cxrrays_lines_only(synthetic):
+    proc = cxrray(synthetic, *train_args(synthetic, "run_name=quiet"), "--json")
+    out = lines(proc)
+    assert proc.returncode == 0, "\n".join(out)
+    assert len(out) <= MAX_LINES, "\n".join(out)
+    for noise in RAY_LINES:
+        assert not any(noise in ln for ln in out), (noise, "\n".join(out))
+    relayed = {m.group(1) for ln in out if (m := re.match(r"\((\S+) pid=", ln))}
+    assert relayed <= {"RayTrainWorker"}, "\n".join(out)  # nothing relayed from Ray's own actors
+    for epoch in range(1, EPOCHS + 1):
+        assert any(re.search(rf"cxrray.train: epoch {epoch}/{EPOCHS} +train_loss", ln) for ln in out), "\n".join(out)
+    assert any("Ray's own logs: " in ln for ln in out), "\n".join(out)
+    assert proc.stdout.strip().splitlines()[-1].startswith("{")  # --json: still the last stdout line
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_verbose_brings_rays_lines_back(synthetic):
+    proc = cxrray(synthetic, "-v", *train_args(synthetic, "run_name=verbose", "epochs=1"))
+    out = "\n".join(lines(proc))
+    assert proc.returncode == 0, out
+    assert "TrainingReport(" in out and "Starting execution of Dataset" in out, out
+    assert "epoch 1/1" in out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_workers_error_reaches_the_user(synthetic):
+    """Every image of the manifest missing: the train workers raise NoReadableImages; its
+    message (and the workers' warnings that lead to it) must not be filtered away."""
+    df, space = read_manifest(synthetic / "manifest.parquet")
+    df["path"] = [str(synthetic / "gone" / Path(p).name) for p in df["path"]]
+    broken = write_manifest(df, space, synthetic / "missing.parquet")
+    proc = cxrray(synthetic, *train_args(synthetic, f"manifest={broken}", "run_name=broken", "epochs=1",
+                                         "max_failures=0"))
+    out = "\n".join(lines(proc))
+    assert proc.returncode != 0, out
+    assert "NoReadableImages" in out and "could be read" in out, out
+    assert "Traceback" in out  # in full, not one line
+
+
+def test_progress_logs_every_n_seconds_off_a_terminal(caplog, monkeypatch):
+    clock = iter(float(t) for t in range(0, 1000, 10))  # each call: 10 s later
+    monkeypatch.setattr("cxrray.console.time.perf_counter", lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger="cxrray"):
+        with Progress("epoch 1/3", 6, unit="steps", rate_unit="img", every_s=25, tty=False) as p:
+            for _ in range(6):
+                p.update(1, amount=32, loss=0.5)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 2, msgs  # at 30 s and 60 s, not every step
+    assert re.match(r"epoch 1/3: 3/6 steps \(50%\), 3\.2 img/s, ETA 0:00:30  loss 0\.5", msgs[0]), msgs
+
+
+def test_progress_with_unknown_total_and_disabled():
+    p = Progress("train", None, unit="steps", tty=False, every_s=0, enabled=False)
+    p.update(3, amount=96)
+    assert p.line().startswith("train: 3 steps, ") and "ETA" not in p.line()
+
+
+def test_relay_rule_drops_rays_actors_but_not_errors_or_cxrrays_workers():
+    assert not keep_relayed_line("PlacementGroupCleaner", "Failed to query Ray Train Controller actor state.")
+    assert not keep_relayed_line("TrainController", "Requesting resources: {'CPU': 1} * 2")
+    assert keep_relayed_line("TrainController", "Traceback (most recent call last):")
+    assert not keep_relayed_line("raylet", "Task ServeController.graceful_shutdown failed. There are infinite "
+                                           "retries remaining. Error: The actor is dead because it was killed by `ray.kill`.")
+    assert keep_relayed_line("raylet", "Task was killed due to the node running low on memory.")
+    assert keep_relayed_line("RayTrainWorker", "2026-01-01 INFO cxrray.train: epoch 1/8  train_loss 0.5")
+    assert keep_relayed_line("ServeReplica:cxrray:CXRServer", "WARNING cxrray.predict: unreadable upload")
+    assert not keep_relayed_line("ServeReplica:cxrray:CXRServer",
+                                 "INFO 2026-12-01 10:31:51,003 cxrray_CXRServer 9ochpv6j 6d -- POST /predict 200 35.0ms")
+
+
+def test_serve_info_is_hidden_on_the_driver_even_after_serve_reconfigures_it(caplog):
+    from cxrray.console import setup_console
+
+    setup_console(False)
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.setLevel(logging.INFO)  # what Serve does when it starts
+    with caplog.at_level(logging.INFO):
+        serve_logger.info('Started Serve in namespace "serve".')
+        serve_logger.warning("a replica failed its health check")
+    assert [r.getMessage() for r in caplog.records] == ["a replica failed its health check"]
+    setup_console(True)
+    assert not serve_logger.filters
+    setup_console(False)
