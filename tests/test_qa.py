@@ -19,32 +19,19 @@ PHI = ("SECRET^PATIENTNAME", "PHI-98765", "19700101")
 
 
 def dx_bytes(*, modality="DX", body_part="CHEST", view="PA", frames=1, size=64, seed=0) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    """A 12-bit DX file with identity, windows and the fixture's fake PHI (builder: test_imaging)."""
+    from pydicom.uid import generate_uid
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray for Presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = PHI
-    ds.Modality, ds.ViewPosition = modality, view
-    if body_part:
-        ds.BodyPartExamined = body_part
+    from tests.test_imaging import make_dicom
+
     arr = np.random.default_rng(seed).integers(0, 4096, (frames, size, size)).astype(np.uint16)
-    ds.Rows = ds.Columns = size
+    attrs = {"BodyPartExamined": body_part} if body_part else {}
     if frames > 1:
-        ds.NumberOfFrames = frames
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.WindowCenter, ds.WindowWidth = 2048, 4096
-    ds.PixelData = arr.tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+        attrs["NumberOfFrames"] = frames
+    name, pid, birth = PHI
+    return make_dicom(arr, BitsStored=12, HighBit=11, WindowCenter=2048, WindowWidth=4096, Modality=modality,
+                      ViewPosition=view, StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid(),
+                      PatientName=name, PatientID=pid, PatientBirthDate=birth, **attrs)
 
 
 def png_bytes(size: int) -> bytes:

@@ -2,7 +2,6 @@
 end to end on the session cluster, then kill-and-resume of a real driver process."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -55,23 +54,10 @@ def png_declaring(width: int, height: int) -> bytes:
 
 
 def dicom_bytes(arr: np.ndarray) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    """A 12-bit-in-16 DX file around `arr` (the DICOM builder lives in test_imaging)."""
+    from tests.test_imaging import make_dicom
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray for Presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = arr.astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return make_dicom(arr.astype(np.uint16), BitsStored=12, HighBit=11)
 
 
 def make_artifact(path: Path, seed: int = 0) -> Path:

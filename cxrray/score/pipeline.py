@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 import uuid
 from collections import Counter
@@ -21,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from cxrray import storage
+from cxrray.console import Progress
 from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from cxrray.predict import Predictor, decode_batch
 from cxrray.score.errors import OutputConflict
@@ -118,42 +118,6 @@ def build_dataset(todo: pd.DataFrame, cfg: ScoreConfig, res: Resources, preproce
     )
 
 
-class Progress:
-    """tqdm on a terminal; a log line every 15 s otherwise (job logs, files)."""
-
-    def __init__(self, total: int, done_before: int):
-        self.total, self.n, self.t0, self.last = total, 0, time.perf_counter(), 0.0
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="img", desc="scoring", file=sys.stderr, smoothing=0.1)
-        log.info("scoring %d images (%d already in the output)", total, done_before)
-
-    def update(self, n: int) -> None:
-        self.n += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.perf_counter()
-        if now - self.last >= 15 or self.n == self.total:
-            self.last = now
-            rate = self.n / max(now - self.t0, 1e-9)
-            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-            log.info("scored %d/%d images (%.1f img/s, ETA %s)", self.n, self.total, rate, _hms(eta))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}"
-
-
 def _stream(ds) -> Iterator[pa.Table]:
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
 
@@ -170,7 +134,9 @@ def _run_pipeline(todo: pd.DataFrame, cfg: ScoreConfig, preprocess, writer: Part
     res = plan_resources(cfg, cluster.get("CPU", 1), cluster.get("GPU", 0))
     log.info("%d actors x (%g CPU, %g GPU), decode in %ss, batch %d, chunks of %d",
              res.actors, res.cpus, res.gpus, res.decode, cfg.batch_size, cfg.chunk_size)
-    progress = Progress(len(todo), done_before)
+    log.info("scoring %d images (%d already in the output)", len(todo), done_before)
+    # A bar on a terminal; a log line every 15 s otherwise (job logs, files).
+    progress = Progress("scoring", len(todo), unit="img", every_s=15, logger=log)
     t0, first_result = time.perf_counter(), 0.0
     try:
         for batch in _stream(build_dataset(todo, cfg, res, preprocess)):
