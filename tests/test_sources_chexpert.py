@@ -247,7 +247,7 @@ def test_no_csv_found(tmp_path):
 
 def test_registry(tmp_path):
     write_dataset(tmp_path, small_rows())
-    assert set(SOURCES) == {"chexpert", "synthetic", "nih", "kermany", "csv", "folder"}
+    assert set(SOURCES) == {"chexpert", "synthetic", "nih", "kermany", "csv", "folder", "dicom"}
     assert len(load_source("chexpert", tmp_path, labels="chexpert5").manifest) == 5
     assert load_source("synthetic", tmp_path).label_space.names == SYNTHETIC_FINDINGS
     with pytest.raises(ManifestError, match="unknown source"):
