@@ -20,7 +20,9 @@ AUROC_BAR = 0.85
 
 def test_demo_end_to_end(ray_session, tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--n-patients", "400", "--size", "64", "--epochs", "8",
+    # 12 epochs: at 8 the test AUROC landed at 0.840-0.883 over six runs on 2026-12-01, around the
+    # bar, because U-Ones labels cap what is measurable (issue 11); the bar itself stays.
+    rc = main(["demo", "--out", str(out), "--n-patients", "400", "--size", "64", "--epochs", "12",
                "--port", str(free_port()), "--json"])
     assert rc == 0
     captured = capsys.readouterr()
