@@ -48,12 +48,17 @@ def test_demo_end_to_end(ray_session, tmp_path, capsys):
     assert len(preds) == len(test_ids) and set(preds["image_id"]) == test_ids
     assert preds["error"].isna().all() and summary["score_errors"] == 0
     # 5b: the DICOM copy of the test split: every file scored, every row joins back to its JPEG
-    # twin by SOP Instance UID, and the scores agree (the DICOM holds the phantom at 12 bits,
-    # the JPEG at 8 bits, lossy: a small difference is expected, a large one is a decode bug).
+    # twin by SOP Instance UID, and the scores agree. The DICOM holds the phantom at 12 bits, the
+    # JPEG at 8 bits and quality 90: that loss, not the DICOM decode, is the |dp| (uncompressed
+    # DICOM differs from the JPEG as much as JPEG 2000 does, 0.006-0.010 mean at 12 epochs), and
+    # it grows with the model's confidence. What a decode bug (an inverted MONOCHROME1, a wrong
+    # rescale or bit shift) breaks is the ranking and the calls, so those carry the tight bars;
+    # each syntax's pixels are checked exactly in test_synthetic_dicom.py.
     d = summary["dicom_copy"]
     assert d["images"] == d["joined"] == len(test_ids) and d["errors"] == 0, d
     assert len(d["syntaxes"]) >= 6, d["syntaxes"]
-    assert d["mean_abs_diff"] < 0.01 and d["max_abs_diff"] < 0.1, d
+    assert d["min_rank_corr"] >= 0.97 and d["decision_agreement"] >= 0.98, d
+    assert d["mean_abs_diff"] < 0.02 and d["max_abs_diff"] < 0.25, d
     # 6: Serve answered over HTTP and the overlay decodes
     overlay = Image.open(out / "gradcam_overlay.png")
     overlay.load()
