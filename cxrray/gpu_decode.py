@@ -120,3 +120,44 @@ def _cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+def decode_jpegs(datas: dict[int, bytes], size: int, device: str,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[int, tuple[np.ndarray, tuple[int, int]]]:
+    """The JPEGs among `datas` ({row: bytes}) that `device` decodes itself, as {row: (uint8
+    [1, S, S], (H, W) of the file)}. Rows left out (PNG, DICOM, progressive or 12-bit JPEG, a
+    stream the decoder refuses) are the caller's to decode on the CPU path, which also names
+    the error of a broken file. One batched call; if it fails, each image is tried alone so that
+    one bad stream costs only itself."""
+    frames = {i: jpeg_frame(d) for i, d in datas.items() if gpu_decodable(d, max_pixels)}
+    if not frames:
+        return {}
+    rows = list(frames)
+    out: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
+    try:
+        images = _torch_decode([datas[i] for i in rows], device)
+        pairs = list(zip(rows, images))
+    except (RuntimeError, ValueError) as e:
+        log.debug("batched JPEG decode on %s failed (%s): one by one", device, e)
+        pairs = []
+        for i in rows:
+            try:
+                pairs.append((i, _torch_decode([datas[i]], device)[0]))
+            except (RuntimeError, ValueError):
+                continue  # the CPU path decodes it, or says why it cannot
+    for i, img in pairs:
+        _, _, height, width = frames[i]  # type: ignore[misc]
+        out[i] = (resize_tensor(img, size).cpu().numpy(), (height, width))
+    return out
+
+
+def jpeg_device_for(decoder: str, model_device: str) -> str | None:
+    """Where a consumer on `model_device` decodes its JPEGs: None for the CPU path (Pillow).
+    "auto": the GPU when the model is on one; "pil": always the CPU path; "nvjpeg": torchvision's
+    decoder on the model's device (on a CPU: torchvision's CPU decoder with the GPU path's resize,
+    which is how machines without a GPU test that arithmetic)."""
+    if decoder not in ("auto", "pil", "nvjpeg"):
+        raise ValueError(f"decoder must be auto, pil or nvjpeg, got {decoder!r}")
+    if decoder == "pil" or (decoder == "auto" and not model_device.startswith("cuda")):
+        return None
+    return model_device

@@ -2,7 +2,9 @@
 
 Batch scoring uses it as a Ray Data actor (`map_batches(Predictor, ...)`), Serve wraps it in a
 deployment. Decoding is a separate, pure step (`decode_batch`) so a pipeline can run it on
-CPU tasks while GPU actors only do forward passes.
+CPU tasks while GPU actors only do forward passes, or, with the model on a GPU, in the actor
+itself: baseline JPEGs are then decoded and resized on the GPU in one batch (nvJPEG,
+`cxrray.gpu_decode`), everything else on the CPU path.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import numpy as np
 import torch
 
 from cxrray.artifact import load_artifact
+from cxrray.gpu_decode import decode_jpegs, jpeg_device_for
 from cxrray.heads import logits_to_probs
-from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError
+from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodedImage, ImageError, read_bytes
 from cxrray.labels import MULTICLASS
 from cxrray.qa import IDENTITY_FIELDS, ImageQA, assess, enforce
 from cxrray.transforms import Preprocess, decode_resized, load_resized
@@ -41,14 +44,17 @@ def reserved_cpus(default: int | None = None) -> int:
 
 
 def decode_one(path: str, pre: Preprocess, *, max_pixels: int, max_bytes: int,
-               strict: bool = False) -> tuple[np.ndarray, str | None, ImageQA]:
+               strict: bool = False, data: bytes | None = None) -> tuple[np.ndarray, str | None, ImageQA]:
     """(uint8 [1,S,S], None, QA) or (zeros, "reason: detail", QA) for an unreadable file (or,
-    with strict, a DICOM that is not a chest radiograph)."""
+    with strict, a DICOM that is not a chest radiograph). `data`: the file's bytes, if read."""
     qa = ImageQA()
     try:
         # transforms.load_resized: the decode training and Serve use too (one definition, no skew);
         # `decoded.shape` is the file's own size, which the QA's low_resolution check reads.
-        image, decoded = load_resized(path, pre, max_pixels=max_pixels, max_bytes=max_bytes)
+        if data is None:
+            image, decoded = load_resized(path, pre, max_pixels=max_pixels, max_bytes=max_bytes)
+        else:
+            image, decoded = decode_resized(data, pre, source=path, max_pixels=max_pixels)
         qa = assess(decoded)
         enforce(qa, path, strict=strict)
         return image, None, qa
@@ -64,17 +70,47 @@ def decode_batch(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     strict: bool = False,
+    jpeg_device: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Adds `image` (uint8 [N,1,S,S]), `error` (None or reason), the DICOM identity columns and
-    `qa_warnings` (comma-joined: ragged lists would be pickled between Ray Data stages)."""
-    decoded = [decode_one(str(p), pre, max_pixels=max_pixels, max_bytes=max_bytes, strict=strict)
-               for p in batch["path"]]
+    `qa_warnings` (comma-joined: ragged lists would be pickled between Ray Data stages).
+    `jpeg_device` ("cuda"): decode the batch's baseline JPEGs there in one call (nvJPEG); every
+    other file, and any JPEG the device refuses, takes the CPU path."""
+    paths = [str(p) for p in batch["path"]]
+    if jpeg_device is None:
+        decoded = [decode_one(p, pre, max_pixels=max_pixels, max_bytes=max_bytes, strict=strict) for p in paths]
+    else:
+        decoded = _decode_with_device(paths, pre, jpeg_device, max_pixels=max_pixels, max_bytes=max_bytes,
+                                      strict=strict)
     out = dict(batch)
     out["image"] = np.stack([d[0] for d in decoded]) if decoded else np.zeros((0, 1, pre.size, pre.size), np.uint8)
     out["error"] = np.array([d[1] for d in decoded], dtype=object)
     for name in IDENTITY_FIELDS:
         out[name] = np.array([d[2].identity[name] for d in decoded], dtype=object)
     out["qa_warnings"] = np.array([",".join(d[2].warnings) for d in decoded], dtype=object)
+    return out
+
+
+def _decode_with_device(paths: list[str], pre: Preprocess, device: str, *, max_pixels: int, max_bytes: int,
+                        strict: bool) -> list[tuple[np.ndarray, str | None, ImageQA]]:
+    """decode_one for each path, with the JPEGs decoded on `device` in one batch. Each file is
+    read once; a file that cannot be read is left to decode_one, which names the error."""
+    datas: dict[int, bytes] = {}
+    for i, p in enumerate(paths):
+        try:
+            datas[i] = read_bytes(p, max_bytes=max_bytes)
+        except (ImageError, OSError):
+            continue
+    on_device = decode_jpegs(datas, pre.size, device, max_pixels)
+    out = []
+    for i, p in enumerate(paths):
+        if i in on_device:
+            image, shape = on_device[i]
+            # A JPEG carries no DICOM identity: only the file's own size feeds the QA.
+            out.append((image, None, assess(DecodedImage(np.zeros((0, 0), np.float32), "jpeg", shape=shape))))
+        else:
+            out.append(decode_one(p, pre, max_pixels=max_pixels, max_bytes=max_bytes, strict=strict,
+                                  data=datas.get(i)))
     return out
 
 
@@ -96,8 +132,11 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         strict: bool = False,
+        decoder: str = "auto",
     ):
         self.device = pick_device(device)
+        # Where JPEGs are decoded (gpu_decode.jpeg_device_for): on a GPU model, nvJPEG in batches.
+        self.jpeg_device = jpeg_device_for(decoder, str(self.device))
         self.strict = strict  # not_radiograph / not_chest DICOMs become errors, not warnings
         if self.device.type == "cpu":
             torch.set_num_threads(num_threads or reserved_cpus())
@@ -107,8 +146,8 @@ class Predictor:
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
         self.prob_columns = self.label_space.prob_columns
-        log.info("Predictor %s (%s) on %s, %d threads", self.model_id, self.meta.architecture, self.device,
-                 torch.get_num_threads())
+        log.info("Predictor %s (%s) on %s, %d threads, JPEG decode on %s", self.model_id, self.meta.architecture,
+                 self.device, torch.get_num_threads(), self.jpeg_device or "cpu (Pillow)")
 
     @property
     def label_space(self):
@@ -155,8 +194,14 @@ class Predictor:
                            strict: bool | None = None) -> tuple[np.ndarray, ImageQA]:
         """Image bytes -> (uint8 [1,S,S], identity and QA warnings); raises imaging.ImageError
         for a bad file, and qa.NotAChestRadiograph in strict mode."""
-        image, decoded = decode_resized(data, self.preprocess, source=source, max_pixels=self.max_pixels)
-        qa = assess(decoded)
+        on_device = decode_jpegs({0: data}, self.preprocess.size, self.jpeg_device, self.max_pixels) \
+            if self.jpeg_device else {}
+        if on_device:
+            image, shape = on_device[0]
+            qa = assess(DecodedImage(np.zeros((0, 0), np.float32), "jpeg", shape=shape))
+        else:
+            image, decoded = decode_resized(data, self.preprocess, source=source, max_pixels=self.max_pixels)
+            qa = assess(decoded)
         enforce(qa, source, strict=self.strict if strict is None else strict)
         return image, qa
 
@@ -185,7 +230,8 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data batch -> prediction rows (the predictions-Parquet contract)."""
         if "image" not in batch:
-            batch = decode_batch(batch, self.preprocess, self.max_pixels, self.max_bytes, self.strict)
+            batch = decode_batch(batch, self.preprocess, self.max_pixels, self.max_bytes, self.strict,
+                                 jpeg_device=self.jpeg_device)
         # Ray Data stores an all-None `error` column as Arrow null, which comes back as NaN floats.
         errors = np.array([None if _no_error(e) else e for e in batch.get("error", [None] * len(batch["image"]))],
                           dtype=object)

@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 # Tests run Ray without token auth (a throwaway local cluster); everything else keeps it on.
 export RAY_AUTH_MODE=disabled
-exec .venv/bin/python -m pytest -q -ra --durations=15 "$@"
+exec .venv/bin/python -m pytest -q -ra --durations=40 "$@"

@@ -146,3 +146,51 @@ def test_serve_info_is_hidden_on_the_driver_even_after_serve_reconfigures_it(cap
     setup_console(True)
     assert not serve_logger.filters
     setup_console(False)
+
+
+NATIVE_NOISE = (b"[2026-12-01 12:32:43,452 E 10534 10534] core_worker.cc:2465: Actor with class name: "
+                b"'MapWorker(MapBatches(ContractPredictor))' and ID: '3a15' has constructor arguments in the "
+                b"object store and max_restarts > 0. If the arguments in the object store go out of scope or "
+                b"are lost, the actor restart will fail.\n")
+
+
+def test_native_stderr_filter_drops_rays_restart_note_and_keeps_everything_else(capfd):
+    """What Ray's C++ core worker writes to fd 2 (os.write is the same system call): the
+    restart note goes, any other native line (an error, a partial meter) and Python's own
+    output still arrive, in order, and fd 2 is the real stream again afterwards."""
+    from cxrray.native_stderr import filtered_native_stderr
+
+    with filtered_native_stderr():
+        os.write(2, b"before\n" + NATIVE_NOISE)
+        os.write(2, b"[2026-12-01 12:33:00,000 E 1 1] raylet_client.cc:10: a real native error\n")
+        os.write(2, b"meter 50%\r")
+        print("python's own line", file=sys.stderr, flush=True)
+    os.write(2, b"after\n" + NATIVE_NOISE)
+    err = capfd.readouterr().err
+    assert "has constructor arguments" in err.split("after\n", 1)[1]  # outside the block: untouched
+    inside = err.split("after\n", 1)[0]
+    assert "has constructor arguments" not in inside
+    for kept in ("before\n", "a real native error\n", "meter 50%\r", "python's own line\n"):
+        assert kept in inside, err
+    assert inside.index("before") < inside.index("a real native error")
+
+
+def test_native_stderr_filter_keeps_pythons_stderr_on_the_real_stream(tmp_path):
+    """In a process whose sys.stderr is fd 2 itself (a user's terminal), Python's stream moves
+    onto the real stderr (so tqdm still sees a terminal) and only native writes pass the pipe."""
+    script = (
+        "import os, sys\n"
+        "from cxrray.native_stderr import filtered_native_stderr\n"
+        "before = os.fstat(2).st_ino\n"
+        "with filtered_native_stderr():\n"
+        "    assert os.fstat(sys.stderr.fileno()).st_ino == before\n"
+        "    assert os.fstat(2).st_ino != before  # native writes: the pipe\n"
+        f"    os.write(2, {NATIVE_NOISE!r} + b'native kept\\n')\n"
+        "    sys.stderr.write('python kept\\n')\n"
+        "assert os.fstat(2).st_ino == before and sys.stderr.fileno() == 2\n"
+    )
+    with open(tmp_path / "err.txt", "wb") as err:
+        proc = subprocess.run([sys.executable, "-c", script], stderr=err, timeout=60, cwd=REPO)
+    text = (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 0, text
+    assert "native kept\n" in text and "python kept\n" in text and "constructor arguments" not in text

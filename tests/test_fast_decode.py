@@ -111,7 +111,7 @@ def test_train_score_and_serve_give_identical_bytes(tmp_path: Path) -> None:
     train = decode_files({"path": np.array(paths, dtype=object)}, pre=pre, aug=None, label_cols=[])["image"]
     # Serve's prepare_bytes_info needs only the preprocessing and the caps: no model to load.
     serve = object.__new__(Predictor)
-    serve.meta, serve.max_pixels, serve.strict = SimpleNamespace(preprocess=pre), 40_000_000, False
+    serve.meta, serve.max_pixels, serve.strict, serve.jpeg_device = SimpleNamespace(preprocess=pre), 40_000_000, False, None
     for i, p in enumerate(paths):
         score, err, qa = decode_one(p, pre, max_pixels=40_000_000, max_bytes=1 << 27)
         served, serve_qa = serve.prepare_bytes_info(Path(p).read_bytes(), p)
@@ -175,3 +175,52 @@ def test_load_resized_names_the_path(tmp_path: Path) -> None:
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(Exception, match="x.png"):
         load_resized(bad, PRE)
+
+
+def test_predictor_decodes_jpegs_on_the_models_device_and_the_rest_on_the_cpu(tmp_path: Path) -> None:
+    """decoder="nvjpeg" is the path a GPU actor or replica takes ("auto" there); on this CPU
+    it runs torchvision's decoder with the GPU path's resize. In one batch: the JPEGs go that
+    way, within the quality bar and with the same QA; the PNG, the DICOM (its identity kept), a
+    progressive JPEG and the broken files take the CPU path, with the same errors as Pillow's."""
+    import torch
+
+    from cxrray.artifact import ModelMeta, save_artifact
+    from cxrray.gpu_decode import jpeg_device_for
+    from cxrray.labels import SYNTHETIC_FINDINGS, LabelSpace
+    from cxrray.models import build_model, gradcam_layer_path
+    from cxrray.predict import Predictor
+
+    torch.manual_seed(0)
+    pre, space = Preprocess(size=64, channels=1), LabelSpace(SYNTHETIC_FINDINGS)
+    meta = ModelMeta("small_cnn", space, pre, [0.5] * space.num_classes, gradcam_layer_path("small_cnn"))
+    artifact = save_artifact(tmp_path / "artifact", build_model("small_cnn", space.num_outputs, pre), meta)
+    buf = io.BytesIO()
+    Image.fromarray(xray(300, seed=5)).save(buf, "JPEG", progressive=True)
+    files = {"film.jpg": jpeg(xray(1400, seed=1)), "thumb.jpg": jpeg(xray(180, seed=2)),
+             "progressive.jpg": buf.getvalue(), "grey.png": png(xray(300, seed=3)),
+             "dx.dcm": dicom(xray(320, seed=4).astype(np.uint16) * 16),
+             "cut.jpg": jpeg(xray(400, seed=6))[:300], "empty.jpg": b""}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    batch = {"path": np.array([str(tmp_path / n) for n in files], dtype=object)}
+
+    cpu = Predictor(artifact, device="cpu", decoder="pil")
+    dev = Predictor(artifact, device="cpu", decoder="nvjpeg")
+    assert cpu.jpeg_device is None and dev.jpeg_device == "cpu"
+    assert jpeg_device_for("auto", "cpu") is None and jpeg_device_for("auto", "cuda:0") == "cuda:0"
+    with pytest.raises(ValueError, match="decoder"):
+        jpeg_device_for("turbo", "cpu")
+    ref, out = cpu(batch), dev(batch)
+    assert list(out["error"]) == list(ref["error"])
+    assert [e is None for e in out["error"]] == [True, True, True, True, True, False, False]
+    assert list(out["sop_uid"]) == list(ref["sop_uid"]) and out["sop_uid"][4] is not None
+    assert [list(w) for w in out["warnings"]] == [list(w) for w in ref["warnings"]]
+    assert "low_resolution" in out["warnings"][1] and "low_resolution" not in out["warnings"][0]
+    cols = [c for c in out if c.startswith("p_")]
+    p_ref, p_out = (np.stack([r[c] for c in cols], 1) for r in (ref, out))
+    assert np.array_equal(p_ref[2:5], p_out[2:5])  # not JPEG-on-device: the CPU path, bit for bit
+    assert np.abs(p_ref[:2] - p_out[:2]).max() < 0.02  # the device path: within its pixel bar
+    # Serve's one-upload path takes the same route and gives the same model input.
+    img, qa = dev.prepare_bytes_info(files["film.jpg"], "film.jpg")
+    cpu_img, _ = cpu.prepare_bytes_info(files["film.jpg"], "film.jpg")
+    assert img.shape == (1, 64, 64) and within_bar(cpu_img[0], img[0]) and qa.warnings == []
