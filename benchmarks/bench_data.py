@@ -20,10 +20,7 @@ are reported. Ray's per-epoch cost is the whole pipeline re-executed, as in trai
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -38,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _report import environment, publish  # noqa: E402
 from cxrray.labels import LabelSpace  # noqa: E402
 from cxrray.transforms import Preprocess, load_resized  # noqa: E402
 
@@ -221,14 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    out = {"bench": "data", "cpus": args.cpus, "batch": args.batch, "size": args.size, "rounds": args.rounds,
-           "host_cores": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
-           "torch": torch.__version__, "ray_data_overhead": overhead, "results": results}
-    text = json.dumps(out, default=float)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return publish({"bench": "data", "cpus": args.cpus, "batch": args.batch, "size": args.size, "rounds": args.rounds,
+                    **environment(ray=ray.__version__, torch=torch.__version__), "ray_data_overhead": overhead,
+                    "results": results}, args.out)
 
 
 if __name__ == "__main__":

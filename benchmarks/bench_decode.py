@@ -37,10 +37,13 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "tests"))  # the tests' DICOM builder
 
+from _report import environment, publish  # noqa: E402
 from cxrray.gpu_decode import decode_resized_batch  # noqa: E402
 from cxrray.imaging import decode_bytes  # noqa: E402
 from cxrray.transforms import Preprocess, decode_resized  # noqa: E402
+from dicom_files import make_dicom  # noqa: E402
 
 
 def previous(data: bytes, size: int) -> np.ndarray:
@@ -72,25 +75,9 @@ def png(img: np.ndarray) -> bytes:
 
 def dicom(stored: np.ndarray) -> bytes:
     """12-bit MONOCHROME2 DX with Rescale Slope/Intercept and a window, uncompressed."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.WindowCenter, ds.WindowWidth = 1000, 3000
-    ds.PixelData = stored.astype("<u2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return make_dicom(stored.astype("<u2"), Modality="DX", BodyPartExamined="CHEST", ViewPosition="PA",
+                      BitsStored=12, HighBit=11, RescaleSlope=1, RescaleIntercept=-1024,
+                      WindowCenter=1000, WindowWidth=3000)
 
 
 def build_sets(args: argparse.Namespace) -> dict[str, list[bytes]]:
@@ -177,16 +164,11 @@ def main(argv: list[str] | None = None) -> int:
               "load %.1f" % statistics.median(loads), flush=True)
     import PIL
 
-    out = {"bench": "decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-           "python": platform.python_version(), "pillow": PIL.__version__, "torch": torch.__version__,
-           "cuda": torch.cuda.get_device_name(0) if cuda else None, "size": args.size, "rounds": args.rounds,
-           "results": results}
-    text = json.dumps(out, indent=1, default=float)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return publish({"bench": "decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+                    **environment(pillow=PIL.__version__, torch=torch.__version__),
+                    "cuda": torch.cuda.get_device_name(0) if cuda else None, "size": args.size,
+                    "rounds": args.rounds, "results": results}, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (
@@ -47,13 +47,14 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     JPEGLSLossless,
     RLELossless,
-    generate_uid,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "tests"))  # the tests' DICOM builder
 
 from cxrray.imaging import ImageError, decode_bytes  # noqa: E402
+from dicom_files import dicom_bytes, dicom_dataset  # noqa: E402
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -69,28 +70,10 @@ def chest_like(size: int, seed: int = 0) -> np.ndarray:
 
 
 def dx_dataset(arr: np.ndarray, bits_stored: int) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray for Presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.ViewPosition, ds.BodyPartExamined = "DX", "PA", "CHEST"
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = arr.dtype.itemsize * 8, bits_stored, bits_stored - 1
-    ds.PixelRepresentation = 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-    ds.WindowCenter, ds.WindowWidth = 2 ** (bits_stored - 1), 2**bits_stored
-    ds.PixelData = arr.tobytes()
-    return ds
-
-
-def to_bytes(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    """A chest DX with `bits_stored` of each sample used, a rescale and a full-range window."""
+    return dicom_dataset(arr, Modality="DX", ViewPosition="PA", BodyPartExamined="CHEST", BitsStored=bits_stored,
+                         HighBit=bits_stored - 1, RescaleSlope=1, RescaleIntercept=0,
+                         WindowCenter=2 ** (bits_stored - 1), WindowWidth=2**bits_stored)
 
 
 def synthetic_cases(size: int) -> dict[str, bytes]:
@@ -99,7 +82,7 @@ def synthetic_cases(size: int) -> dict[str, bytes]:
     for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
         ds = dx_dataset(arr, 12)
         ds.file_meta.TransferSyntaxUID = syntax
-        cases[syntax.name] = to_bytes(ds)
+        cases[syntax.name] = dicom_bytes(ds)
     for syntax in (RLELossless, JPEG2000Lossless, JPEGLSLossless):
         ds = dx_dataset(arr, 12)
         try:
@@ -107,7 +90,7 @@ def synthetic_cases(size: int) -> dict[str, bytes]:
         except (RuntimeError, NotImplementedError, ImportError) as e:
             print(f"skip {syntax.name}: no encoder here ({str(e).splitlines()[0]})", file=sys.stderr)
             continue
-        cases[syntax.name] = to_bytes(ds)
+        cases[syntax.name] = dicom_bytes(ds)
     # JPEG baseline is 8-bit: what many PACS exports of CR/DX look like after a lossy export.
     eight = (arr >> 4).astype(np.uint8)
     jpeg = io.BytesIO()
@@ -116,7 +99,7 @@ def synthetic_cases(size: int) -> dict[str, bytes]:
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds.PixelData = encapsulate([jpeg.getvalue()])
     ds["PixelData"].VR = "OB"
-    cases[JPEGBaseline8Bit.name] = to_bytes(ds)
+    cases[JPEGBaseline8Bit.name] = dicom_bytes(ds)
     return {f"synthetic {size}x{size}: {k}": v for k, v in cases.items()}
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +36,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _report import environment, publish  # noqa: E402
+
 log = logging.getLogger("bench_train")
 
 
@@ -49,11 +49,13 @@ def synthetic(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
 
 
 def cycle(images: np.ndarray, labels: np.ndarray, batch: int):
-    from cxrray.engine import iterate
-
+    """Endless batch dicts sliced from in-memory arrays, in a new random order each pass."""
     rng = np.random.default_rng(0)
     while True:
-        yield from iterate(images, labels, batch, rng)
+        order = rng.permutation(len(images))
+        for i in range(0, len(order), batch):
+            idx = order[i : i + batch]
+            yield {"image": torch.from_numpy(images[idx]), "labels": torch.from_numpy(labels[idx])}
 
 
 class Stepper:
@@ -220,14 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"model": name, "size": int(size), **res})
     finally:
         ray.shutdown()
-    out = {"bench": "train", "cpus": args.cpus, "batch": args.batch, "warmup": args.warmup, "steps": args.steps,
-           "rounds": args.rounds, "host_cores": os.cpu_count(), "python": platform.python_version(),
-           "ray": ray.__version__, "torch": torch.__version__, "results": results}
-    text = json.dumps(out, default=float)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return publish({"bench": "train", "cpus": args.cpus, "batch": args.batch, "warmup": args.warmup,
+                    "steps": args.steps, "rounds": args.rounds,
+                    **environment(ray=ray.__version__, torch=torch.__version__), "results": results}, args.out)
 
 
 if __name__ == "__main__":

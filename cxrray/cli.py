@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from cxrray.schema import ConfigError, one_line
+
 log = logging.getLogger("cxrray")
 
 
@@ -21,11 +23,51 @@ def _emit(args: argparse.Namespace, human: str, summary: dict[str, Any]) -> None
         print(json.dumps(summary, default=str), flush=True)
 
 
-def _split_fracs(text: str) -> tuple[float, float, float]:
-    parts = [float(x) for x in text.split(",")]
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError("--split needs three fractions: train,valid,test (e.g. 0.8,0.1,0.1)")
-    return tuple(parts)  # type: ignore[return-value]
+def _manifest_config(args: argparse.Namespace):
+    from cxrray.config import ManifestConfig
+    from cxrray.schema import from_args
+
+    unc = None
+    if args.uncertainty or args.uncertainty_override or args.blank:
+        overrides = {}
+        for o in args.uncertainty_override:
+            if "=" not in o:
+                raise ConfigError(f"uncertainty_override: {o!r} must look like LABEL=POLICY (e.g. Edema=U-Ones)")
+            label, policy = o.split("=", 1)
+            overrides[label] = policy
+        unc = {"default": args.uncertainty or "U-Zeros", "overrides": overrides, "blank": args.blank or "zero"}
+    return from_args(ManifestConfig, args, uncertainty=unc)
+
+
+def _train_config(args: argparse.Namespace):
+    from cxrray.config import TrainConfig, load_config
+
+    return load_config(TrainConfig, args.config, args.overrides)
+
+
+def _serve_config(args: argparse.Namespace):
+    from cxrray.job_configs import ServeArgs
+
+    return ServeArgs.from_dict({k: getattr(args, k) for k in ServeArgs.__pydantic_fields__ if hasattr(args, k)})
+
+
+def _from_flags(cls_name: str) -> Callable[[argparse.Namespace], Any]:
+    def make(args: argparse.Namespace):
+        from cxrray import job_configs
+        from cxrray.schema import from_args
+
+        return from_args(getattr(job_configs, cls_name), args)
+
+    return make
+
+
+def _check_artifact(artifact: str) -> None:
+    """A missing or unreadable artifact is one line before Ray or any work starts."""
+    from cxrray import storage
+    from cxrray.artifact import read_meta
+
+    storage.check_store(artifact, what="--artifact")
+    read_meta(artifact)
 
 
 # --- synth -------------------------------------------------------------------------------------
@@ -57,72 +99,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
 # --- manifest / leakage ----------------------------------------------------------------------------
 
 
-def _source_options(args: argparse.Namespace) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if args.source in ("chexpert", "synthetic"):
-        from cxrray.labels import UncertaintyConfig
-
-        overrides = dict(o.split("=", 1) for o in args.uncertainty_override)
-        opts["uncertainty"] = UncertaintyConfig(args.uncertainty, overrides, args.blank)
-        if args.labels:
-            opts["labels"] = args.labels
-        if args.views:
-            opts["views"] = args.views.split(",")
-        if args.no_official_split:
-            opts["official_split"] = False
-    if args.source == "kermany":
-        opts["classes"] = args.classes
-    if args.source == "csv":
-        opts.update(path_col=args.path_col, label_cols=args.label_cols.split(",") if args.label_cols else None,
-                    class_col=args.class_col, patient_col=args.patient_col, split_col=args.split_col)
-    if args.source == "dicom":
-        opts.update(labels_csv=args.labels_csv, join_on=args.join_on, salt=args.salt,
-                    label_cols=args.label_cols.split(",") if args.label_cols else None)
-    if args.no_check_files and args.source in ("chexpert", "synthetic", "nih", "csv"):
-        opts["check_files"] = False
-    return opts
-
-
-def skipped_path(manifest: str) -> str:
-    """manifest.parquet -> manifest.skipped.csv beside it (local or URI)."""
-    base, sep, query = manifest.partition("?")
-    return (base[: -len(".parquet")] if base.endswith(".parquet") else base) + ".skipped.csv" + sep + query
-
-
 def cmd_manifest(args: argparse.Namespace) -> int:
-    from cxrray import storage
-    from cxrray.manifest import write_manifest
-    from cxrray.sources import load_source
-    from cxrray.splits import assign_splits, check_leakage
+    from cxrray.manifest_build import build_manifest
 
-    start = time.time()
-    storage.check_store(args.out, what="--out")
-    storage.check_store(args.root, what="--root")
-    res = load_source(args.source, args.root, **_source_options(args))
-    df = res.manifest
-    if args.split:
-        has_official = df["split"].notna().any()
-        df = assign_splits(df, res.label_space, args.split, seed=args.seed, respect_existing=has_official)
-    leak = None
-    if df["split"].notna().any() and not args.no_leakage_check:
-        leak = check_leakage(df, hash_images=not args.no_hash)
-    out = write_manifest(df, res.label_space, args.out, info={"source": args.source, "root": str(args.root),
-                                                                "skipped": res.skipped.counts()})
-    skipped_csv = skipped_path(out)
-    if len(res.skipped):
-        storage.write_text(skipped_csv, res.skipped.frame().to_csv(index=False))
+    cfg = args.cfg
+    m = build_manifest(cfg)
+    df, space, leak = m.frame, m.label_space, m.leakage
     splits = df["split"].value_counts(dropna=False).to_dict()
-    human = [f"manifest {out}: {len(df)} images, {df['patient_id'].nunique()} patients, "
-             f"{res.label_space.num_classes} classes ({res.label_space.task}) in {time.time() - start:.1f}s",
+    human = [f"manifest {m.path}: {len(df)} images, {df['patient_id'].nunique()} patients, "
+             f"{space.num_classes} classes ({space.task}) in {m.seconds:.1f}s",
              f"  splits: {splits}",
-             f"  skipped: {res.skipped.counts() or 'none'}"]
-    if len(res.skipped):
-        human.append(f"  skipped rows listed in {skipped_csv}")
+             f"  skipped: {m.skipped.counts() or 'none'}"]
+    if m.skipped_csv:
+        human.append(f"  skipped rows listed in {m.skipped_csv}")
     if leak is not None:
         human.append("  leakage check: " + leak.summary())
-    _emit(args, "\n".join(human), {"manifest": out, "n_images": len(df), "n_patients": int(df["patient_id"].nunique()),
-                                   "labels": list(res.label_space.names), "splits": splits,
-                                   "skipped": res.skipped.counts(), "info": res.info,
+    _emit(args, "\n".join(human), {"manifest": m.path, "n_images": len(df), "n_patients": int(df["patient_id"].nunique()),
+                                   "labels": list(space.names), "splits": splits,
+                                   "skipped": m.skipped.counts(), "info": m.info,
                                    "leakage": leak.to_dict() if leak else None})
     return 0
 
@@ -165,10 +159,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cxrray.config import TrainConfig, load_config
-    from cxrray.train import train
+    from cxrray.train import train  # after the config validated (main): torch and Ray load here
 
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    cfg = args.cfg
     res = train(cfg)
     auroc = f"{res.best_val_mean_auroc:.4f}" if res.best_val_mean_auroc is not None else "n/a"
     _emit(args, f"trained {cfg.model} for {res.epochs_done} epochs in {res.seconds:.0f}s: best validation mean "
@@ -178,12 +171,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cxrray import storage
+    from cxrray.config import save_config
+
+    cfg = args.cfg
+    storage.check_store(cfg.out, what="--out")
+    storage.check_store(cfg.manifest, what="--manifest")
+    _check_artifact(cfg.artifact)
     from cxrray.evaluate import evaluate
 
-    res = evaluate(args.artifact, args.manifest, args.out, split=args.split, bootstrap=args.bootstrap,
-                   gallery_k=args.gallery_k)
+    res = evaluate(**cfg.kwargs())
+    # Beside the report; the JSON summary stays metrics.json's content (the config's place is fixed).
+    saved = save_config(cfg, storage.join(storage.normalize(cfg.out), "config.yaml"))
     m = res.metrics
-    lines = [f"evaluated model {res.model_id} on {res.n_images} {args.split} images ({res.n_errors} unreadable)",
+    lines = [f"evaluated model {res.model_id} on {res.n_images} {cfg.split} images ({res.n_errors} unreadable)",
              f"  mean AUROC: {m.mean_auroc:.4f}" if m.mean_auroc is not None else "  mean AUROC: n/a"]
     if m.accuracy is not None:
         lines.append(f"  accuracy: {m.accuracy:.4f}")
@@ -194,15 +195,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     gallery = [v for k, v in res.outputs.items() if k.startswith("gradcam_gallery_")]
     if gallery:
         lines.append(f"  Grad-CAM gallery: {len(gallery)} PNGs, e.g. {gallery[0]}")
+    lines.append(f"  config: {saved}")
     _emit(args, "\n".join(lines), res.to_dict())
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    cfg = args.cfg
+    _check_artifact(cfg.artifact)
     from cxrray import serve
 
-    url = serve.run_server(args.artifact, host=args.host, port=args.port, blocking=not args.json)
-    _emit(args, f"serving {args.artifact} at {url}", {"url": url})
+    limits = {k: v for k, v in asdict(cfg).items() if k not in ("artifact", "deployment")}
+    url = serve.run_server(cfg.artifact, host=args.host, port=args.port, blocking=not args.json, **limits)
+    _emit(args, f"serving {cfg.artifact} at {url}", {"url": url, "config": asdict(cfg)})
     return 0
 
 
@@ -219,12 +226,9 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cxrray.demo import DemoConfig, run_demo
+    from cxrray.demo import run_demo
 
-    cfg = DemoConfig(out=args.out, n_patients=args.n_patients, size=args.size, epochs=args.epochs,
-                     keep_serving=args.serve, port=args.port, source=args.source, root=args.root,
-                     model=args.model, num_workers=args.workers)
-    summary = run_demo(cfg)
+    summary = run_demo(args.cfg)
     _emit(args, summary.human(), summary.to_dict())
     return 0
 
@@ -233,30 +237,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cxrray.config import ManifestConfig, TrainConfig
+    from cxrray.job_configs import DemoConfig, EvaluateConfig, ScoreConfig, ServeArgs
+    from cxrray.schema import add_flags, keys_help
+
     p = argparse.ArgumentParser(prog="cxrray", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true",
                    help="debug logging, and Ray's own log lines (hidden by default: they are in Ray's log directory)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
+    def add(name: str, fn: Callable, help_: str, config: Callable | None = None, **kw) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_, **kw)
         sp.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
         # also after the subcommand (`cxrray train -v ...`); SUPPRESS keeps `cxrray -v train`'s value
         sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as cxrray -v")
-        sp.set_defaults(fn=fn)
+        # config: args -> the job's validated schema, built by main before Ray or torch is imported
+        sp.set_defaults(fn=fn, make_config=config)
         return sp
 
-    d = add("demo", cmd_demo, "the whole story on synthetic chest X-rays: data, split, train, evaluate, score, serve")
-    d.add_argument("--out", default="demo_out")
-    d.add_argument("--n-patients", type=int, default=500)
-    d.add_argument("--size", type=int, default=96, help="image size (px) for generation and the model")
-    d.add_argument("--epochs", type=int, default=8)
-    d.add_argument("--workers", type=int, default=2, help="TorchTrainer workers")
-    d.add_argument("--model", default="small_cnn")
-    d.add_argument("--serve", action="store_true", help="keep Serve running at the end and print the page URL")
-    d.add_argument("--port", type=int, default=8000)
-    d.add_argument("--source", default="synthetic", help="a real source instead: chexpert, nih, kermany")
-    d.add_argument("--root", default=None, help="dataset root for --source")
+    add_flags(add("demo", cmd_demo, "the whole story on synthetic chest X-rays: data, split, train, evaluate, score, "
+                  "serve", _from_flags("DemoConfig")), DemoConfig)
 
     s = add("synth", cmd_synth, "write a synthetic chest X-ray dataset in CheXpert layout")
     s.add_argument("--out", required=True)
@@ -266,33 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dicom", action="store_true",
                    help="also write the images as CR/DX DICOM (every installed transfer syntax) under OUT/dicom")
 
-    m = add("manifest", cmd_manifest, "build a manifest (and patient split) from a dataset")
-    m.add_argument("--source", required=True, help="chexpert, synthetic, nih, kermany, csv, folder, dicom")
-    m.add_argument("--root", required=True, help="dataset root (for csv: the CSV file)")
-    m.add_argument("--out", required=True, help="manifest .parquet to write")
-    m.add_argument("--split", type=_split_fracs, default=None, help="train,valid,test fractions, by patient")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--labels", default=None, help="class subset or a named selection (chexpert5)")
-    m.add_argument("--uncertainty", default="U-Zeros", help="U-Ignore, U-Zeros, U-Ones or U-MultiClass")
+    m = add("manifest", cmd_manifest, "build a manifest (and patient split) from a dataset", _manifest_config)
+    add_flags(m, ManifestConfig)
+    m.add_argument("--uncertainty", default=None, help="chexpert, synthetic: U-Ignore, U-Zeros (default), U-Ones or "
+                                                       "U-MultiClass")
     m.add_argument("--uncertainty-override", action="append", default=[], metavar="LABEL=POLICY",
                    help="per-label policy, e.g. Edema=U-Ones (repeatable)")
-    m.add_argument("--blank", default="zero", help="blank cells: zero or ignore")
-    m.add_argument("--views", default=None, help="frontal, lateral or both (CheXpert)")
-    m.add_argument("--no-official-split", action="store_true", help="ignore the source's own train/valid split")
-    m.add_argument("--classes", type=int, default=2, help="Kermany: 2 or 3 classes")
-    m.add_argument("--path-col", default="path")
-    m.add_argument("--label-cols", default=None, help="csv, dicom: comma-separated label columns")
-    m.add_argument("--labels-csv", default=None, help="dicom: CSV of labels joined on --join-on")
-    m.add_argument("--join-on", default="SOPInstanceUID", choices=("SOPInstanceUID", "AccessionNumber"),
-                   help="dicom: the labels CSV's key (AccessionNumber: one row per study)")
-    m.add_argument("--salt", default=None,
-                   help="dicom: salt for hashing PatientID (prefer $CXRRAY_PATIENT_SALT: argv is visible in ps)")
-    m.add_argument("--class-col", default=None, help="csv: one column of class names (multi-class)")
-    m.add_argument("--patient-col", default=None)
-    m.add_argument("--split-col", default=None)
-    m.add_argument("--no-check-files", action="store_true", help="don't check that image files exist")
-    m.add_argument("--no-leakage-check", action="store_true")
-    m.add_argument("--no-hash", action="store_true", help="leakage check without content hashes")
+    m.add_argument("--blank", default=None, help="blank cells: zero (default) or ignore")
 
     lk = add("leakage", cmd_leakage, "report patients and identical images shared across splits")
     lk.add_argument("--manifest", required=True)
@@ -306,23 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--rows-per-shard", type=int, default=1000)
     pr.add_argument("--ray-address", default=None)
 
-    t = add("train", cmd_train, "train with Ray Train (TorchTrainer) from a YAML config")
+    t = add("train", cmd_train, "train with Ray Train (TorchTrainer) from a YAML config", _train_config,
+            epilog=keys_help(TrainConfig, "keys (YAML `key: value` or `key=value` overrides; YAML 1.1 values)"),
+            formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", default=None, help="YAML config (see jobs/configs/)")
-    t.add_argument("overrides", nargs="*", metavar="key=value")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="override a key of the config (see below)")
 
-    e = add("evaluate", cmd_evaluate, "evaluate an artifact on a manifest split")
-    e.add_argument("--artifact", required=True)
-    e.add_argument("--manifest", required=True)
-    e.add_argument("--split", default="test")
-    e.add_argument("--out", required=True)
-    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUROC CIs (0: none)")
-    e.add_argument("--gallery-k", type=int, default=4,
-                   help="Grad-CAM gallery: top-k true and false positives per class (0: no gallery)")
+    add_flags(add("evaluate", cmd_evaluate, "evaluate an artifact on a manifest split", _from_flags("EvaluateConfig")),
+              EvaluateConfig)
 
-    from cxrray import score as score_mod  # light at import: its Ray/torch work is lazy
-
-    sc = add("score", score_mod.run, "bulk-score an image archive (folder, glob, CSV/Parquet, s3://) to Parquet")
-    score_mod.add_arguments(sc, json_flag=False)
+    # The same flags as `python -m cxrray.score` (both from ScoreConfig); cxrray.score itself,
+    # which imports torch, loads only when the command runs.
+    add_flags(add("score", cmd_score, "bulk-score an image archive (folder, glob, CSV/Parquet, s3://) to Parquet",
+                  _from_flags("ScoreConfig")), ScoreConfig)
 
     rg = add("register", cmd_register, "register a run's best artifact as an MLflow model version")
     which = rg.add_mutually_exclusive_group(required=True)
@@ -334,29 +310,61 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MLflow store (default: the run's own; for --artifact, $MLFLOW_TRACKING_URI)")
     rg.add_argument("--experiment", default="cxrray", help="--artifact: the experiment of the new run")
 
-    sv = add("serve", cmd_serve, "serve an artifact over HTTP with Grad-CAM (Ray Serve)")
-    sv.add_argument("--artifact", required=True)
+    sv = add("serve", cmd_serve, "serve an artifact over HTTP with Grad-CAM (Ray Serve)", _serve_config)
+    add_flags(sv, ServeArgs, required=("artifact",))
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     return p
 
 
-RAY_COMMANDS = frozenset({"demo", "prepare", "train", "score", "serve"})
+def cmd_score(args: argparse.Namespace) -> int:
+    from cxrray.score import run
+
+    return run(args)
+
+
+RAY_COMMANDS = frozenset({"demo", "prepare", "train", "score", "serve", "evaluate"})
+
+
+def _config_error(args: argparse.Namespace, message: str) -> int:
+    print(f"cxrray: error: {message}", file=sys.stderr, flush=True)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message}), flush=True)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cxrray.storage import StorageError
-
-    from cxrray import console
+    from pydantic import ValidationError
 
     args = build_parser().parse_args(argv)
+    # The job's config first: a wrong key or value is one line (exit 2) before Ray, torch or
+    # any work starts.
+    try:
+        if args.make_config is not None:
+            args.cfg = args.make_config(args)
+    except ConfigError as e:
+        return _config_error(args, str(e))
+    except ValidationError as e:
+        return _config_error(args, one_line(e))
+
+    from cxrray import console
+    from cxrray.native_stderr import filtered_native_stderr
+    from cxrray.storage import StorageError
+
     # cxrray's lines by default; Ray's own (its INFO lines, its actors' output) with -v.
     console.setup_console(args.verbose, uses_ray=args.command in RAY_COMMANDS)
+    # Ray's C++ driver writes one known note per actor pool straight to fd 2 (native_stderr.py).
+    quiet_native = filtered_native_stderr(enabled=args.command in RAY_COMMANDS and not args.verbose)
     try:
-        rc = args.fn(args)
+        with quiet_native:
+            rc = args.fn(args)
         if args.command in RAY_COMMANDS and args.command != "demo" and console.ray_log_dir():
             log.info("Ray's own logs: %s%s", console.ray_log_dir(), "" if args.verbose else "  (-v prints them here)")
         return rc
+    except ConfigError as e:
+        return _config_error(args, str(e))
+    except ValidationError as e:
+        return _config_error(args, one_line(e))
     except (ValueError, FileNotFoundError, StorageError) as e:
         # User errors (bad CSV, missing column, wrong path) get one clear line, not a traceback.
         log.error("%s", e)

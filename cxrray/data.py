@@ -38,7 +38,7 @@ def _label_matrix(batch: dict, label_cols: Sequence[str]) -> np.ndarray:
     return np.stack([np.asarray(batch[c], dtype=np.float32) for c in label_cols], axis=1)
 
 
-def _keep_good(images: list, labels: np.ndarray, ids: Sequence, errors: list[str], size: int) -> dict:
+def _keep_good(images: list, labels: np.ndarray, errors: list[str], size: int) -> dict:
     """Unreadable files become a logged error record and leave the batch (training can't use them)."""
     for e in errors:
         log.warning("skipping unreadable training image: %s", e)
@@ -62,7 +62,7 @@ def decode_files(batch: dict, *, pre: Preprocess, aug: Augment | None, label_col
         except ImageError as e:
             images.append(None)
             errors.append(f"{e.reason}: {e}")
-    return _keep_good(images, _label_matrix(batch, label_cols), batch["path"], errors, pre.size)
+    return _keep_good(images, _label_matrix(batch, label_cols), errors, pre.size)
 
 
 def decode_shard_rows(batch: dict, *, pre: Preprocess, aug: Augment | None, label_cols: Sequence[str]) -> dict:
@@ -77,7 +77,7 @@ def decode_shard_rows(batch: dict, *, pre: Preprocess, aug: Augment | None, labe
             images.append(resize_native(Image.fromarray(img), size)[None])
         else:
             images.append(to_uint8(augment_native(Image.fromarray(img), size, aug, rng))[None])
-    return _keep_good(images, _label_matrix(batch, label_cols), batch["image_id"], [], size)
+    return _keep_good(images, _label_matrix(batch, label_cols), [], size)
 
 
 MAX_ROWS_PER_TASK = 256

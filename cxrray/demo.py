@@ -1,9 +1,12 @@
 """`cxrray demo`: the whole story on one local Ray cluster.
 
 generate data -> manifest + patient split (leakage check) -> TorchTrainer (2 workers) ->
-evaluate (ROC curves, report) -> bulk-score the test split to Parquet -> Serve /predict and
-/explain over HTTP (overlay PNG saved) -> shut down. Each stage is the same code the
-individual subcommands run; this module only chains them and keeps the receipts.
+evaluate: the test split is bulk-scored once, by the scoring pipeline (Ray Data actor pool),
+into <out>/predictions, then ROC curves, report and Grad-CAM gallery -> the bulk-scoring
+figures are that evaluation's scoring run; on synthetic data the test split is also written
+as DICOM, scored into <out>/predictions_dicom and compared with the JPEG scores -> Serve
+/predict and /explain over HTTP (overlay PNG saved) -> shut down. Each stage is the same code
+the individual subcommands run; this module only chains them and keeps the receipts.
 """
 from __future__ import annotations
 
@@ -17,24 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cxrray import console, storage
+from cxrray.job_configs import DemoConfig  # noqa: F401 - the demo's schema, validated at the CLI
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    out: str = "demo_out"
-    n_patients: int = 500
-    size: int = 96
-    epochs: int = 8
-    seed: int = 0
-    model: str = "small_cnn"
-    num_workers: int = 2
-    keep_serving: bool = False
-    port: int = 8000
-    source: str = "synthetic"  # or chexpert / nih / kermany with `root`
-    root: str | None = None
-    score_actors: int | None = None
 
 
 @dataclass
@@ -98,10 +86,9 @@ class Stage:
 
 
 def _dataset(cfg: DemoConfig, out: str, s: DemoSummary):
-    """Returns (manifest path, label names or None, loss) for the chosen source."""
-    from cxrray.manifest import write_manifest
-    from cxrray.sources import load_source
-    from cxrray.splits import assign_splits, check_leakage
+    """Returns (manifest path, loss) for the chosen source."""
+    from cxrray.config import ManifestConfig
+    from cxrray.manifest_build import build_manifest
 
     if cfg.source == "synthetic":
         from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
@@ -117,22 +104,17 @@ def _dataset(cfg: DemoConfig, out: str, s: DemoSummary):
             s.outputs["synthetic data"] = storage.join(root, Path(syn.root).name)
         options = {"views": ["frontal"], "official_split": False, "uncertainty": "U-Ones"}
     else:
-        if not cfg.root:
-            raise ValueError(f"--source {cfg.source} needs --root (the dataset folder)")
         with Stage(s, 1, f"read {cfg.source}"):
             pass
         root, options = cfg.root, ({"classes": 2} if cfg.source == "kermany" else {})
     with Stage(s, 2, "manifest, patient split and leakage check"):
-        res = load_source(cfg.source, root, **options)
-        df = assign_splits(res.manifest, res.label_space, (0.7, 0.15, 0.15), seed=cfg.seed,
-                           respect_existing=res.manifest["split"].notna().any())
-        check_leakage(df)  # logs its summary
-        path = write_manifest(df, res.label_space, storage.join(out, "manifest.parquet"), info={"source": cfg.source})
-        s.outputs["manifest"] = str(path)
+        built = build_manifest(ManifestConfig(source=cfg.source, root=str(root), out=storage.join(out, "manifest.parquet"),
+                                              split=(0.7, 0.15, 0.15), seed=cfg.seed, **options))
+        s.outputs["manifest"] = built.path
     # small_cnn from scratch learns the synthetic findings fastest with plain BCE at 1e-3
     # (jobs/configs/synthetic_demo.yaml says the same); multi-class sources need CE.
-    loss = "ce" if res.label_space.task == "multiclass" else "bce"
-    return path, loss
+    loss = "ce" if built.label_space.task == "multiclass" else "bce"
+    return built.path, loss
 
 
 def _decision_agreement(a, b, n_classes: int) -> float:
@@ -217,7 +199,6 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
 
     from cxrray.config import TrainConfig, build
     from cxrray.evaluate import evaluate
-    from cxrray.score import ScoreConfig, score
     from cxrray.train import init_ray, train
 
     start = time.time()
@@ -237,22 +218,24 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
             res = train(tcfg)
             s.val_mean_auroc = res.best_val_mean_auroc
             s.outputs["artifact"] = str(res.best_artifact)
-        with Stage(s, 4, "evaluate on the test split"):
-            ev = evaluate(res.best_artifact, manifest, storage.join(out, "evaluation"), split="test", bootstrap=500)
+        with Stage(s, 4, "evaluate on the test split (bulk-scored once, into predictions/)"):
+            # Scored through the bulk-scoring pipeline straight into <out>/predictions, which
+            # stage 5 reports: the test split is scored once.
+            ev = evaluate(res.best_artifact, manifest, storage.join(out, "evaluation"), split="test", bootstrap=500,
+                          predictions=storage.join(out, "predictions"), actors=cfg.score_actors)
             s.mean_auroc = ev.metrics.mean_auroc
             s.outputs["ROC curves"] = ev.outputs["roc_curves"]
             s.outputs["report"] = ev.outputs["markdown"]
             gallery = [v for k, v in ev.outputs.items() if k.startswith("gradcam_gallery_")]
             if gallery:
                 s.outputs["Grad-CAM gallery"] = f"{len(gallery)} PNGs, e.g. {gallery[0]}"
-        with Stage(s, 5, "bulk-score the test split to Parquet (JPEG, then its DICOM copy)"):
+        with Stage(s, 5, "bulk-score: the test split's rows from the evaluation"
+                   + (", then its DICOM copy" if cfg.source == "synthetic" else "")):
             from cxrray.manifest import read_manifest
 
             df, _ = read_manifest(manifest)
             test = df[df["split"] == "test"][["image_id", "path"]]
-            inputs_csv = storage.write_text(storage.join(out, "test_inputs.csv"), test.to_csv(index=False))
-            summ = score(ScoreConfig(artifact=str(res.best_artifact), input=inputs_csv,
-                                     out=storage.join(out, "predictions"), actors=cfg.score_actors))
+            summ = ev.scoring  # evaluate's scoring job: one committed row per test image in <out>/predictions
             s.images_scored, s.score_errors = summ["rows"], summ["errors"]
             s.score_images_per_s = summ["images_per_s"]
             s.outputs["predictions"] = summ["output"]

@@ -1,20 +1,18 @@
 """Training and evaluation over any iterable of batch dicts. No Ray here.
 
-The Ray Train worker loop (`cxrray.train`) and the plain `quick_train` (tests, baselines)
-both call these functions, so the training logic runs and is tested without a cluster.
+The Ray Train worker loop (`cxrray.train`) calls these functions, and so does the tests'
+in-memory trainer (tests/quick_train.py), so the training logic runs and is tested without
+a cluster.
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -22,8 +20,6 @@ from cxrray.console import Progress
 from cxrray.heads import eval_targets, logits_to_probs
 from cxrray.labels import LabelSpace
 from cxrray.metrics import Metrics, best_f1_thresholds, compute_metrics
-
-log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 AUX_WEIGHT = 0.4  # Inception-V3's auxiliary classifier weight (Szegedy et al. 2016)
@@ -187,69 +183,3 @@ def cosine_lr(epoch: int, total_epochs: int, base_lr: float, warmup_epochs: int 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-# --- A plain in-memory trainer (no Ray): tests, quick baselines, the Grad-CAM check -------------
-
-
-def load_arrays(df: pd.DataFrame, space: LabelSpace, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode and resize every image of a (small) manifest into memory as uint8 [N,1,S,S]."""
-    from cxrray.imaging import load_image
-    from cxrray.transforms import Preprocess, preprocess_image
-
-    pre = Preprocess(size=size, channels=1)
-    images = np.stack([preprocess_image(load_image(p), pre) for p in df["path"]])
-    return images, df[list(space.columns)].to_numpy(np.float32)
-
-
-def iterate(images: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[Batch]:
-    order = rng.permutation(len(images)) if rng is not None else np.arange(len(images))
-    for i in range(0, len(order), batch_size):
-        idx = order[i : i + batch_size]
-        yield {"image": torch.from_numpy(images[idx]), "labels": torch.from_numpy(labels[idx])}
-
-
-def quick_train(
-    manifest: pd.DataFrame,
-    space: LabelSpace,
-    out_dir: str | Path,
-    *,
-    model: str = "small_cnn",
-    size: int = 64,
-    epochs: int = 6,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    seed: int = 0,
-    loss: str = "bce",
-) -> Path:
-    """Train on the manifest's `train` split, pick thresholds on `valid`, save an artifact.
-    Single process and in memory: for small sets only."""
-    from cxrray.artifact import ModelMeta, save_artifact
-    from cxrray.losses import ClassWeights, make_loss
-    from cxrray.models import build_model, gradcam_layer_path
-    from cxrray.transforms import Preprocess
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    pre = Preprocess(size=size, channels=1, mean=(0.5,), std=(0.25,))
-    train_df = manifest[manifest["split"] == "train"]
-    valid_df = manifest[manifest["split"] == "valid"]
-    xtr, ytr = load_arrays(train_df, space, size)
-    xva, yva = load_arrays(valid_df, space, size)
-    net = build_model(model, space.num_outputs, pre)
-    loss_fn = make_loss(loss, space, ClassWeights.from_labels(ytr))
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    device = torch.device("cpu")
-    history = []
-    for epoch in range(epochs):
-        set_lr(opt, cosine_lr(epoch, epochs, lr))
-        stats = train_one_epoch(net, iterate(xtr, ytr, batch_size, rng), opt, loss_fn, device=device)
-        probs, targets, vloss = predict_batches(net, iterate(xva, yva, 128), space, loss_fn, device=device)
-        metrics, thresholds = score_predictions(space, probs, targets)
-        history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": vloss,
-                        "val_mean_auroc": metrics.mean_auroc})
-        log.info("quick_train epoch %d/%d loss %.4f val_auroc %s", epoch + 1, epochs, stats["loss"], metrics.mean_auroc)
-    meta = ModelMeta(model, space, pre, [float(t) for t in thresholds], gradcam_layer_path(model),
-                     summary={"epochs": epochs, "history": history, "val_mean_auroc": metrics.mean_auroc,
-                              "val_auroc": metrics.auroc_by_class(), "trainer": "quick_train"})
-    return save_artifact(out_dir, net, meta)

@@ -230,11 +230,6 @@ def apply_policy(raw: np.ndarray, policy: Policy, blank: Blank = Blank.ZERO) -> 
     return out
 
 
-def apply_uncertainty(frame_values: Mapping[str, np.ndarray], config: UncertaintyConfig) -> dict[str, np.ndarray]:
-    """Apply the configured policy column by column."""
-    return {name: apply_policy(vals, config.policy_for(name), config.blank) for name, vals in frame_values.items()}
-
-
 def chexpert_space(names: Iterable[str] = CHEXPERT_14, config: UncertaintyConfig | None = None) -> LabelSpace:
     names = tuple(names)
     unknown = [n for n in names if n not in CHEXPERT_14]

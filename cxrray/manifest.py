@@ -57,12 +57,6 @@ class SourceResult:
     info: dict = field(default_factory=dict)  # source-specific extras (duplicates, boxes count, ...)
 
 
-def empty_manifest(label_space: LabelSpace) -> pd.DataFrame:
-    cols = {c: pd.Series(dtype="object") for c in BASE_COLUMNS}
-    cols.update({n: pd.Series(dtype="float32") for n in label_space.columns})
-    return pd.DataFrame(cols)
-
-
 def normalise(df: pd.DataFrame, label_space: LabelSpace) -> pd.DataFrame:
     """Put columns in contract order and dtypes; keeps extra columns (e.g. sex, age) at the end."""
     df = df.copy()

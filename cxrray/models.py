@@ -32,7 +32,6 @@ class ModelSpec:
     builder: Callable[..., nn.Module]  # (num_outputs[, in_channels=]) -> backbone emitting logits
     gradcam_layer: str  # attribute path inside the backbone
     head: str  # attribute path of the final classifier (transfer learning trains only this)
-    default_size: int
     torchvision_weights: str | None = None  # torchvision weights enum name, for ImageNet init
     # True: builder(num_outputs, in_channels=...) takes grey input natively (from-scratch models);
     # False: a 3-channel torchvision model whose first conv is adapted for grey input.
@@ -107,14 +106,14 @@ class SmallCNN(nn.Module):
         return self.classifier(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
 
 
-register(ModelSpec("densenet121", _densenet121, "features", "classifier", 224, "DenseNet121_Weights"))
-register(ModelSpec("resnet50", _resnet50, "layer4", "fc", 224, "ResNet50_Weights"))
-register(ModelSpec("vgg16", _vgg16, "features.29", "classifier.6", 224, "VGG16_Weights"))
-register(ModelSpec("inception_v3", _inception_v3, "Mixed_7c", "fc", 299, "Inception_V3_Weights"))
-register(ModelSpec("small_cnn", SmallCNN, "features", "classifier", 128, None, native_channels=True))
+register(ModelSpec("densenet121", _densenet121, "features", "classifier", "DenseNet121_Weights"))
+register(ModelSpec("resnet50", _resnet50, "layer4", "fc", "ResNet50_Weights"))
+register(ModelSpec("vgg16", _vgg16, "features.29", "classifier.6", "VGG16_Weights"))
+register(ModelSpec("inception_v3", _inception_v3, "Mixed_7c", "fc", "Inception_V3_Weights"))
+register(ModelSpec("small_cnn", SmallCNN, "features", "classifier", None, native_channels=True))
 # A quarter of the width (0.09 M parameters vs 1.47 M): trains in about a minute on a 2-core CPU at 128 px,
 # for CPU-only demos, quick checks and the Grad-CAM pointing-game test.
-register(ModelSpec("tiny_cnn", partial(SmallCNN, width=8), "features", "classifier", 128, None,
+register(ModelSpec("tiny_cnn", partial(SmallCNN, width=8), "features", "classifier", None,
                    native_channels=True))
 
 
@@ -139,10 +138,6 @@ class CXRModel(nn.Module):
         if hasattr(out, "aux_logits"):
             return (out.logits, out.aux_logits) if out.aux_logits is not None else out.logits
         return out
-
-
-def get_submodule(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
 
 
 def _adapt_first_conv_to_grey(backbone: nn.Module) -> None:

@@ -1,8 +1,9 @@
 """Online inference on Ray Serve: one deployment (Predictor + Grad-CAM) behind FastAPI.
 
 Thin glue. Decoding and preprocessing are `Predictor`'s (the same code batch scoring runs),
-Grad-CAM and overlays are `cxrray.explain`'s; this module reads uploads, maps image errors
-to HTTP status codes, batches forward passes with `@serve.batch` and serves the web page.
+Grad-CAM and overlays are `cxrray.explain`'s, reading uploads is serve_http's and deploying
+serve_run's; this module maps image errors to HTTP status codes, batches forward passes with
+`@serve.batch` and serves the web page. Its arguments are `ServeArgs` (job_configs.py).
 
     serve run serve_config.yaml                          # foreground, Ctrl-C stops it
     ray start --head && serve deploy serve_config.yaml   # onto a running cluster
@@ -16,13 +17,9 @@ Nothing heavy happens at import: torch, the model and the artifact load in the r
 import asyncio
 import base64
 import logging
-import math
-import os
-import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,190 +29,14 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxrray import storage
+from cxrray.job_configs import ServeArgs
+from cxrray.serve_http import (STATUS_BY_REASON, SUPPORTED, BatchStats, UploadError, error, json_safe,
+                               parse_targets, read_upload)
+from cxrray.serve_run import DEFAULT_AUTOSCALING, http_url, run_server, shutdown
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
-MiB = 1024 * 1024
-# Status per imaging.ImageError.reason: the user's file is at fault (4xx), never the server.
-STATUS_BY_REASON = {"too_large": 413, "unsupported": 415, "not_chest_radiograph": 422}
-SUPPORTED = ("png", "jpeg", "dicom")
-# An oversized body is read and discarded up to this many times the cap before answering 413,
-# so an HTTP client that is still sending sees the 413 instead of a reset connection; beyond
-# it the connection is dropped with the 413.
-DRAIN_FACTOR = 4
-
-
-@dataclass(frozen=True)
-class ServeArgs:
-    """The application builder's arguments (the `args:` block of serve_config.yaml)."""
-
-    artifact: str = ""
-    max_upload_bytes: int = 20 * MiB
-    max_pixels: int = 40_000_000  # width*height cap checked from the header before decoding
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
-    explain_max_batch_size: int = 4
-    max_targets: int = 4  # Grad-CAM classes per /explain request
-    device: str = "auto"
-    num_threads: int = 0  # 0: the CPUs the replica reserved
-    overlay_max_side: int = 1024  # /explain overlays: the upload's own size, long side capped here (px)
-    strict: bool = False  # DICOMs that are not chest radiographs get a 422 instead of a warning
-    deployment: dict[str, Any] = field(default_factory=dict)  # .options(...) overrides
-
-    @classmethod
-    def from_dict(cls, args: "dict[str, Any] | None") -> "ServeArgs":
-        args = dict(args or {})
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(args) - set(known))
-        if unknown:
-            raise ValueError(f"unknown serve args {unknown}; known: {sorted(known)}")
-        if not args.get("artifact"):
-            args["artifact"] = os.environ.get("CXRRAY_ARTIFACT", "")
-        if not args["artifact"]:
-            raise ValueError("serve needs artifact=<artifact dir> (or CXRRAY_ARTIFACT in the environment)")
-        # `serve run app artifact=... max_batch_size=8` passes strings: coerce by field type.
-        for name, value in list(args.items()):
-            kind = known[name].type
-            if isinstance(value, str) and kind in (int, float):
-                args[name] = kind(float(value)) if kind is int else float(value)
-            elif isinstance(value, str) and kind is bool:
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(f"serve arg {name} must be true or false, got {value!r}")
-                args[name] = value.lower() in ("true", "1", "yes")
-        # A relative artifact path is relative to the directory the builder runs in (your
-        # shell's for `serve run`); resolve it here so replicas, whose working directory Ray
-        # chooses, load the same files.
-        args["artifact"] = storage.normalize(args["artifact"])  # a URI stays as it is
-        out = cls(**args)
-        if out.max_batch_size < 1 or out.explain_max_batch_size < 1 or out.max_upload_bytes < 1:
-            raise ValueError("batch sizes and max_upload_bytes must be >= 1")
-        if out.overlay_max_side < 16:
-            raise ValueError(f"overlay_max_side must be >= 16 (pixels on the long side), got {out.overlay_max_side}")
-        return out
-
-
-def json_safe(obj: Any) -> Any:
-    """NaN/inf (e.g. an AUROC undefined for a class without positives) -> None: JSON has no NaN."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalar
-        return json_safe(obj.item())
-    return obj
-
-
-def error(status: int, message: str, reason: str | None = None) -> JSONResponse:
-    body = {"error": message}
-    if reason:
-        body["reason"] = reason
-    return JSONResponse(body, status_code=status)
-
-
-class UploadError(Exception):
-    def __init__(self, status: int, message: str, reason: str):
-        super().__init__(message)
-        self.status, self.reason = status, reason
-
-
-async def _drain(request: Request, already: int, limit: int) -> None:
-    """Read and discard the rest of an oversized body, up to `limit` bytes in all."""
-    seen = already
-    try:
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                return
-    except Exception:  # noqa: BLE001 - the client may hang up; the 413 is the answer either way
-        return
-
-
-async def read_upload(request: Request, cap: int) -> tuple[bytes, list[str], str]:
-    """(image bytes, targets from a multipart form, source name) from a raw or multipart body.
-
-    The byte cap is checked twice: on the declared Content-Length before reading anything,
-    and on the bytes actually received (a chunked or lying client).
-    """
-    declared = request.headers.get("content-length")
-    too_big = f"upload over the {cap:,}-byte limit"
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise UploadError(400, f"bad Content-Length {declared!r}", "bad_request") from None
-        if size > cap:
-            if size <= DRAIN_FACTOR * cap:
-                await _drain(request, 0, DRAIN_FACTOR * cap)
-            raise UploadError(413, f"{too_big} (Content-Length {size:,})", "too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > cap:
-            await _drain(request, len(body), DRAIN_FACTOR * cap)
-            raise UploadError(413, f"{too_big} (received more than {cap:,} bytes)", "too_large")
-    data = bytes(body)
-    ctype = request.headers.get("content-type", "").lower()
-    if not ctype.startswith("multipart/form-data"):
-        return data, [], "<upload>"
-    return await _parse_multipart(request, data)
-
-
-async def _parse_multipart(request: Request, data: bytes) -> tuple[bytes, list[str], str]:
-    async def replay() -> dict:  # the body was already consumed: hand it to the form parser
-        return {"type": "http.request", "body": data, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form()
-    except Exception as e:  # noqa: BLE001 - a malformed form is the client's error
-        raise UploadError(400, f"unreadable multipart form: {e}", "bad_request") from None
-    upload = form.get("file")
-    if upload is None or isinstance(upload, str):
-        raise UploadError(400, "multipart upload needs the image in a form field named 'file'", "bad_request")
-    targets = [str(t) for t in form.getlist("target")]
-    payload = await upload.read()
-    await form.close()
-    return payload, targets, upload.filename or "<upload>"
-
-
-def parse_targets(values: list[str]) -> list[str]:
-    """`target=A&target=B` and `target=A,B` both name two classes; order kept, duplicates dropped."""
-    out: list[str] = []
-    for v in values:
-        for name in v.split(","):
-            name = name.strip()
-            if name and name not in out:
-                out.append(name)
-    return out
-
-
-class BatchStats:
-    """Batch sizes seen by one replica, per endpoint: proof that batching batches."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sizes: dict[str, Counter] = {"predict": Counter(), "explain": Counter()}
-
-    def record(self, kind: str, size: int) -> None:
-        with self._lock:
-            self._sizes[kind][size] += 1
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            out = {}
-            for kind, c in self._sizes.items():
-                n = sum(c.values())
-                reqs = sum(k * v for k, v in c.items())
-                out[kind] = {
-                    "batches": n,
-                    "requests": reqs,
-                    "max_batch": max(c) if c else 0,
-                    "mean_batch": reqs / n if n else 0.0,
-                    "histogram": {str(k): c[k] for k in sorted(c)},
-                }
-            return out
 
 
 api = FastAPI(title="cxrray", description="Chest X-ray classification with Grad-CAM", docs_url="/docs")
@@ -247,6 +68,7 @@ class CXRServer:
             num_threads=self.args.num_threads or None,
             max_pixels=self.args.max_pixels,
             max_bytes=self.args.max_upload_bytes,
+            decoder=self.args.decoder,
         )
         self.meta = self.predictor.meta
         # One thread runs every model call: Captum hooks the Grad-CAM layer during an
@@ -453,6 +275,7 @@ class CXRServer:
                          "explain_max_batch_size": self.args.explain_max_batch_size,
                          "batch_wait_timeout_s": self.args.batch_wait_timeout_s},
             "stats": self._stats(),
+            "config": asdict(self.args),  # the resolved serve config (serve_config.yaml args + defaults)
         }))
 
     def _stats(self) -> dict[str, Any]:
@@ -493,88 +316,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # serve.batch caps a batch at max_ongoing_requests: keep room for a full batch of each kind.
     options = {"max_ongoing_requests": max(32, 2 * parsed.max_batch_size)}
     options.update(parsed.deployment)
-    plain = {k: v for k, v in asdict(parsed).items() if k != "deployment"}
-    return CXRServer.options(**options).bind(plain)
+    # The replica gets the resolved args, deployment options included: /model reports them.
+    return CXRServer.options(**options).bind({**asdict(parsed), "deployment": options})
 
 
-# ---- programmatic entry points (the CLI's `cxrray serve`) --------------------------------
-
-_started_ray = False
-
-
-def http_url(host: str | None = None) -> str:
-    """The URL Serve's HTTP proxy listens on (the running instance's, not what was asked)."""
-    from ray.serve.context import _get_global_client
-
-    cfg = _get_global_client().http_config
-    h = host or cfg.host
-    return f"http://{'127.0.0.1' if h in ('0.0.0.0', '::') else h}:{cfg.port}"
-
-
-def run_server(
-    artifact: str,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    blocking: bool = True,
-    name: str = "cxrray",
-    route_prefix: str = "/",
-    num_replicas: int | None = None,
-    **limits: Any,
-) -> str:
-    """Deploy the app on Ray Serve and return its URL; with blocking=True, serve until Ctrl-C.
-
-    limits: any ServeArgs field (max_upload_bytes, max_pixels, max_batch_size, ...).
-    num_replicas: a fixed replica count instead of the default autoscaling (1..2).
-    Starts a local Ray when none is running (or joins RAY_ADDRESS / a `ray start` cluster).
-    """
-    global _started_ray
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
-        _started_ray = True
-    serve.start(http_options={"host": host, "port": port, "request_timeout_s": 60})
-    args = {"artifact": artifact, **limits}
-    deployment = dict(args.pop("deployment", {}) or {})
-    if num_replicas is not None:
-        deployment.update(num_replicas=num_replicas, autoscaling_config=None)
-    else:
-        deployment.setdefault("autoscaling_config", DEFAULT_AUTOSCALING)
-    args["deployment"] = deployment
-    serve.run(build_app(args), name=name, route_prefix=route_prefix)
-    url = http_url() + ("" if route_prefix == "/" else route_prefix)
-    log.info("cxrray serving %s at %s", artifact, url)
-    if blocking:
-        print(f"cxrray: serving {artifact} at {url} (Ctrl-C to stop)", flush=True)  # noqa: T201 - CLI
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            shutdown()
-    return url
-
-
-DEFAULT_AUTOSCALING = {
-    "min_replicas": 1,
-    "initial_replicas": 1,
-    "max_replicas": 2,
-    "target_ongoing_requests": 8,
-    "upscale_delay_s": 3,
-    "downscale_delay_s": 30,
-}
-
-
-def shutdown() -> None:
-    """Stop Serve (all apps, proxy, controller), and Ray if run_server started it."""
-    global _started_ray
-    import ray
-
-    try:
-        serve.shutdown()
-    finally:
-        if _started_ray and ray.is_initialized():
-            ray.shutdown()
-        _started_ray = False
+__all__ = ["DEFAULT_AUTOSCALING", "CXRServer", "ServeArgs", "build_app", "http_url", "json_safe", "run_server", "shutdown"]

@@ -13,7 +13,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -240,25 +240,16 @@ def _meta(cfg: TrainConfig, config: dict, space: LabelSpace, pre: Preprocess, th
 
 
 def ensure_manifest(cfg: TrainConfig) -> str:
-    """Build the configured manifest (with its patient split) when it does not exist yet."""
+    """Build the configured manifest (with its patient split and the leakage check, as
+    `cxrray manifest` does) when it does not exist yet."""
     path = storage.normalize(cfg.manifest)
     if storage.exists(path):
         return path
     if not (cfg.source and cfg.root):
         raise FileNotFoundError(f"manifest {path} does not exist and no source/root is configured to build it")
-    from cxrray.manifest import write_manifest
-    from cxrray.sources import load_source
-    from cxrray.splits import assign_splits
+    from cxrray.manifest_build import build_manifest
 
-    options = dict(cfg.source_options)
-    if cfg.uncertainty:
-        from cxrray.labels import UncertaintyConfig
-
-        options["uncertainty"] = UncertaintyConfig(**cfg.uncertainty)
-    res = load_source(cfg.source, cfg.root, **options)
-    df = assign_splits(res.manifest, res.label_space, tuple(cfg.split), seed=cfg.seed,
-                       respect_existing=res.manifest["split"].notna().any())
-    return write_manifest(df, res.label_space, path, info={"source": cfg.source, "root": cfg.root})
+    return build_manifest(replace(cfg.manifest_config(), out=path)).path
 
 
 def init_ray(address: str | None, worker_cpus: int) -> bool:

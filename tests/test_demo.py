@@ -18,19 +18,21 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 AUROC_BAR = 0.85
 
 
-def test_demo_end_to_end(ray_session, tmp_path, capsys):
+def test_demo_end_to_end(ray_session, tmp_path, capfd):
     out = tmp_path / "demo"
     # 12 epochs: at 8 the test AUROC landed at 0.840-0.883 over six runs on 2026-12-01, around the
     # bar, because U-Ones labels cap what is measurable (issue 11); the bar itself stays.
     rc = main(["demo", "--out", str(out), "--n-patients", "400", "--size", "64", "--epochs", "12",
                "--port", str(free_port()), "--json"])
     assert rc == 0
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     stdout = captured.out
-    # In-process, capsys sees the summary and what is printed to sys.stdout/stderr (cxrray's log
-    # lines go to pytest's log capture): no Ray chatter may leak there. The console of a real
-    # `cxrray train` subprocess is bounded in test_console.py.
+    # In-process, capfd sees the summary, what is printed to sys.stdout/stderr and what native
+    # code writes to fds 1 and 2 (cxrray's log lines go to pytest's log capture): no Ray chatter
+    # may leak there, not even the C++ core worker's note on every actor pool (native_stderr.py).
+    # The console of a real `cxrray train` subprocess is bounded in test_console.py.
     assert len((captured.out + captured.err).splitlines()) < 60, captured.out + captured.err
+    assert "core_worker.cc" not in captured.out + captured.err, captured.err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert "test mean AUROC" in stdout and "bulk scoring" in stdout
     # 1-2: data and a patient-disjoint split

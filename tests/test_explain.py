@@ -328,7 +328,7 @@ POINTING = dict(n_patients=800, valid_fraction=0.25, size=128, model="small_cnn"
 
 @pytest.fixture(scope="module")
 def pointing_model(tmp_path_factory):
-    from cxrray.engine import quick_train
+    from quick_train import quick_train
     from cxrray.predict import Predictor
     from cxrray.sources import load_source
     from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert

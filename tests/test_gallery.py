@@ -1,6 +1,7 @@
 """cxrray.gallery: the Grad-CAM gallery picks the right images (true positives are positives
 with the highest probabilities, false positives negatives), writes readable PNGs, and
-`evaluate` publishes and links them. Small untrained models on generated images; no Ray."""
+`evaluate` publishes and links them. Small untrained models on generated images; Ray only
+where `evaluate` scores the split (a local cluster it starts itself)."""
 from __future__ import annotations
 
 import json
@@ -147,6 +148,7 @@ def test_gallery_handles_a_class_without_examples(world, tmp_path) -> None:
         gradcam_gallery(predictor, paths, targets, probs, tmp_path, k=0)
 
 
+@pytest.mark.ray
 def test_evaluate_writes_and_links_the_gallery(world, tmp_path) -> None:
     from cxrray.cli import main
     from cxrray.manifest import write_manifest

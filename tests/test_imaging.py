@@ -12,11 +12,12 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageFile
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, generate_uid
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
 
 from cxrray import imaging
+from cxrray.image_format import PNG_SIGNATURE
 from cxrray.imaging import (
     DEFAULT_MAX_PIXELS,
     REASONS,
@@ -27,6 +28,7 @@ from cxrray.imaging import (
     sniff_format,
     to_uint8,
 )
+from dicom_files import make_dicom  # test_dicom, test_qa, test_score and test_serve import it from here
 
 RNG = np.random.default_rng(0)
 NOISE = RNG.integers(0, 256, (48, 64), dtype=np.uint8)
@@ -48,35 +50,8 @@ def png_chunk(ctype: bytes, payload: bytes) -> bytes:
 def png_declaring(width: int, height: int) -> bytes:
     """A structurally valid PNG whose IHDR declares width x height but carries one tiny IDAT."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (imaging._PNG_SIGNATURE + png_chunk(b"IHDR", ihdr)
+    return (PNG_SIGNATURE + png_chunk(b"IHDR", ihdr)
             + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + png_chunk(b"IEND", b""))
-
-
-def make_dicom(arr: np.ndarray, *, syntax=ExplicitVRLittleEndian, pixel_bytes: bytes | None = None,
-               photometric: str = "MONOCHROME2", **attrs) -> bytes:
-    """A minimal DX-like DICOM file (with preamble and DICM) around `arr` (frames, H, W[, 3])."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray for Presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    colour = photometric == "RGB"
-    ds.Rows, ds.Columns = arr.shape[-3:-1] if colour else arr.shape[-2:]
-    ds.SamplesPerPixel = 3 if colour else 1
-    if colour:
-        ds.PlanarConfiguration = 0
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = ds.BitsStored = arr.dtype.itemsize * 8
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = int(arr.dtype.kind == "i")
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.PixelData = arr.tobytes() if pixel_bytes is None else pixel_bytes
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
@@ -398,8 +373,9 @@ def test_read_bytes_understands_file_uris(tmp_path: Path) -> None:
 
 
 def test_error_classes_reasons_and_pickling() -> None:
-    # Only imaging's own: cxrray.qa adds NotAChestRadiograph once any test module imports it.
-    classes = [c for c in ImageError.__subclasses__() if c.__module__ == "cxrray.imaging"]
+    # Only the decoders' own: cxrray.qa adds NotAChestRadiograph once any test module imports it.
+    classes = [c for c in ImageError.__subclasses__() if c.__module__ == "cxrray.image_errors"]
+    assert len(classes) == len(REASONS)
     assert sorted(c.reason for c in classes) == sorted(REASONS)
     for cls in classes:
         err = cls("s3://bucket/x.png", "something wrong")

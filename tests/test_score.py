@@ -245,7 +245,9 @@ def test_plan_resources() -> None:
     cfg = ScoreConfig("a", "i", "o")
     assert plan_resources(cfg, 8, 0) == score.Resources(8, 1.0, 0.0, "actor")
     assert plan_resources(ScoreConfig("a", "i", "o", decode="task"), 8, 0).actors == 7  # a CPU for decoding
-    assert plan_resources(cfg, 16, 2) == score.Resources(2, 1.0, 1.0, "task")
+    # On GPUs nvJPEG decodes in the actors (decoder=auto); with Pillow a CPU task stage feeds them.
+    assert plan_resources(cfg, 16, 2) == score.Resources(2, 1.0, 1.0, "actor")
+    assert plan_resources(ScoreConfig("a", "i", "o", decoder="pil"), 16, 2) == score.Resources(2, 1.0, 1.0, "task")
     assert plan_resources(ScoreConfig("a", "i", "o", actors=3, cpus_per_actor=2), 8, 0).actors == 3
 
 
@@ -351,7 +353,7 @@ def test_another_models_output_is_refused_unless_forced(ray_session, capsys, art
 @pytest.mark.ray
 @pytest.mark.slow
 def test_auroc_from_the_parquet_equals_evaluate(ray_session, capsys, tmp_path: Path) -> None:
-    from cxrray.engine import quick_train
+    from quick_train import quick_train
     from cxrray.evaluate import evaluate
     from cxrray.heads import eval_targets
     from cxrray.labels import SYNTHETIC_FINDINGS
@@ -379,12 +381,25 @@ def test_auroc_from_the_parquet_equals_evaluate(ray_session, capsys, tmp_path: P
     probs = preds[[c for c in preds.columns if c.startswith("p_")]].to_numpy(np.float64)
     targets = eval_targets(torch.from_numpy(test[list(space.columns)].to_numpy(np.float32)), space).numpy()
     ours = compute_metrics(space, targets, probs).auroc_by_class()
-    theirs = evaluate(art, manifest, tmp_path / "eval", split="test", bootstrap=0).metrics.auroc_by_class()
+    ev = evaluate(art, manifest, tmp_path / "eval", split="test", bootstrap=0)
+    theirs = ev.metrics.auroc_by_class()
     assert ours.keys() == theirs.keys() and any(v is not None for v in ours.values())
     for k in ours:
         assert (ours[k] is None) == (theirs[k] is None)
         if ours[k] is not None:
             assert ours[k] == pytest.approx(theirs[k], abs=1e-6)
+    # evaluate scored through the same pipeline: its own predictions are the scoring job's rows.
+    assert ev.scoring["scored_this_run"] == len(test) and ev.n_errors == 0
+    own = pd.read_parquet(tmp_path / "eval" / "predictions").set_index("image_id").loc[test["image_id"]]
+    p_cols = [c for c in preds.columns if c.startswith("p_")]
+    np.testing.assert_allclose(own[p_cols].to_numpy(np.float64), probs, atol=1e-6)
+    # Pointed at the scoring job's output, evaluate reuses it (scores nothing) and agrees again.
+    reused = evaluate(art, manifest, tmp_path / "eval2", split="test", bootstrap=0, gallery_k=0,
+                      predictions=tmp_path / "preds")
+    assert reused.scoring["scored_this_run"] == 0 and reused.scoring["already_done"] == len(test)
+    again = reused.metrics.auroc_by_class()
+    assert all(again[k] == ours[k] if ours[k] is None else again[k] == pytest.approx(ours[k], abs=1e-6) for k in ours)
+    assert not (tmp_path / "eval2" / "predictions").exists()
 
 
 # --------------------------------------------------------------------------- crash and resume

@@ -130,7 +130,7 @@ def test_serve_args_validation(artifact, tmp_path, monkeypatch) -> None:
     assert args.max_batch_size == 8 and args.batch_wait_timeout_s == 0.02  # `serve run ... k=v` passes strings
     monkeypatch.chdir(artifact.parent)
     assert ServeArgs.from_dict({"artifact": artifact.name}).artifact == str(artifact)  # relative -> absolute
-    with pytest.raises(ValueError, match="unknown serve args"):
+    with pytest.raises(ValueError, match="serve args: max_batch: unknown key"):
         ServeArgs.from_dict({"artifact": str(artifact), "max_batch": 3})
     monkeypatch.delenv("CXRRAY_ARTIFACT", raising=False)
     with pytest.raises(ValueError, match="artifact="):
@@ -143,6 +143,9 @@ def test_serve_args_validation(artifact, tmp_path, monkeypatch) -> None:
     assert ServeArgs.from_dict({"artifact": str(artifact), "overlay_max_side": "512"}).overlay_max_side == 512
     with pytest.raises(ValueError, match="overlay_max_side"):
         ServeArgs.from_dict({"artifact": str(artifact), "overlay_max_side": 0})
+    with pytest.raises(ValueError, match="strict: 'maybe' is not true or false"):
+        ServeArgs.from_dict({"artifact": str(artifact), "strict": "maybe"})
+    assert ServeArgs.from_dict({"artifact": str(artifact), "strict": "true"}).strict is True
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -192,6 +195,10 @@ def test_healthz_and_model(url, artifact) -> None:
     assert m["summary"] == {"val_mean_auroc": None, "epochs": 1}  # NaN -> null, history dropped
     assert m["limits"]["max_upload_bytes"] == MAX_UPLOAD
     assert {"predict", "explain", "replica"} <= set(m["stats"])
+    # the resolved serve config: what was asked, the defaults and the deployment options
+    assert m["config"]["artifact"] == str(artifact) and m["config"]["max_upload_bytes"] == MAX_UPLOAD
+    assert m["config"]["max_batch_size"] == 8 and m["config"]["overlay_max_side"] == 1024
+    assert m["config"]["deployment"]["num_replicas"] == 1
 
 
 @pytest.mark.parametrize("how", ["raw", "multipart"])

@@ -53,8 +53,8 @@ def synthetic(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def quick_artifact(synthetic) -> tuple[Path, Path]:
-    """`engine.quick_train` (no Ray) on the synthetic set at 48 px: (artifact, manifest)."""
-    from cxrray.engine import quick_train
+    """`quick_train` (tests/quick_train.py, no Ray) on the synthetic set at 48 px: (artifact, manifest)."""
+    from quick_train import quick_train
 
     manifest = synthetic / "manifest.parquet"
     df, space = read_manifest(manifest)
@@ -72,6 +72,7 @@ def test_quick_train_learns_the_synthetic_findings(quick_artifact):
     assert summary["val_mean_auroc"] > 0.85, summary["history"]
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_evaluate_cli_writes_plots_json_and_markdown(quick_artifact, tmp_path, capsys):
     artifact, manifest = quick_artifact
@@ -161,7 +162,7 @@ def test_ddp_replicas_hold_identical_parameters_after_a_step(ray_session, tmp_pa
         import ray.train.torch
         import torch
 
-        from cxrray.engine import iterate, train_one_epoch
+        from cxrray.engine import train_one_epoch
         from cxrray.losses import masked_bce
         from cxrray.models import build_model
         from cxrray.transforms import Preprocess
@@ -180,7 +181,8 @@ def test_ddp_replicas_hold_identical_parameters_after_a_step(ray_session, tmp_pa
         images = rng.integers(0, 256, (8, 1, 32, 32), dtype=np.uint8)
         labels = rng.integers(0, 2, (8, 3)).astype(np.float32)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        stats = train_one_epoch(model, iterate(images, labels, 8), optimizer, masked_bce,
+        batches = [{"image": torch.from_numpy(images), "labels": torch.from_numpy(labels)}]  # one step of all 8
+        stats = train_one_epoch(model, batches, optimizer, masked_bce,
                                 device=ray.train.torch.get_device(), max_steps=1)
         mine = {"rank": rank, "local_init": local_init, "start": start, "after": digest(), "loss": stats["loss"]}
         everyone = [None] * ray.train.get_context().get_world_size()

@@ -10,37 +10,19 @@ import logging
 import signal
 import sys
 
-from cxrray.artifact import ArtifactError, read_meta
-from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from cxrray.score.errors import ScoreError
-from cxrray.score.pipeline import DEFAULT_CHUNK, ScoreConfig, preflight, score
-from cxrray.storage import StorageError
+from cxrray.job_configs import ScoreConfig
+from cxrray.schema import ConfigError, add_flags, from_args, save_config
 
 log = logging.getLogger("cxrray.score")
+CONFIG_NAME = "_config.yaml"  # beside the parts; `_` names are not output (store.list_output skips them)
+
 
 def add_arguments(p: argparse.ArgumentParser, *, json_flag: bool = True) -> argparse.ArgumentParser:
-    """The score options, for this module's parser or a `cxrray score` subparser (which may
-    already have --json: pass json_flag=False)."""
-    p.add_argument("--artifact", required=True, help="model artifact directory (model.pt + model.json)")
-    p.add_argument("--input", required=True, help="folder (recursive), glob, CSV/Parquet with a path column, or URI")
-    p.add_argument("--out", required=True, help="output folder of part-*.parquet files")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="images per part file (unit of resume)")
-    p.add_argument("--actors", type=int, default=None, help="Predictor actors (default: fill the cluster)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="also the torch threads per actor")
-    p.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 if the cluster has GPUs")
-    p.add_argument("--decode", choices=("auto", "actor", "task"), default="auto",
-                   help="decode inside the actors, or in a separate CPU task stage (auto: task when on GPU)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (too_large)")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="refuse larger files (too_large)")
-    p.add_argument("--strict", action="store_true",
-                   help="DICOMs that are not chest radiographs (modality not CR/DX, body part not chest) become "
-                        "error rows instead of scored rows with a warning")
-    p.add_argument("--force-model", action="store_true",
-                   help="replace another model's predictions in --out (they are deleted)")
+    """The score options, generated from ScoreConfig, for this module's parser or a `cxrray
+    score` subparser (which may already have --json: pass json_flag=False)."""
+    add_flags(p, ScoreConfig)
     if json_flag:
         p.add_argument("--json", action="store_true", help="print the summary as JSON on the last stdout line")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
     return p
 
 
@@ -51,13 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
-    if args.batch_size < 1 or args.chunk_size < 1:
-        raise SystemExit("--batch-size and --chunk-size must be >= 1")
-    return ScoreConfig(artifact=args.artifact, input=args.input, out=args.out, batch_size=args.batch_size,
-                       chunk_size=args.chunk_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                       gpus_per_actor=args.gpus_per_actor, decode=args.decode, force_model=args.force_model,
-                       strict=args.strict, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-                       ray_address=args.ray_address)
+    return from_args(ScoreConfig, args)
 
 
 def _log_summary(s: dict) -> None:
@@ -80,11 +56,17 @@ def run(args: argparse.Namespace) -> int:
     """Parsed options -> exit code (0 complete, 1 incomplete, 2 refused)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config_from_args(args)
+    from cxrray import storage
+    from cxrray.artifact import ArtifactError, read_meta
+    from cxrray.score.errors import ScoreError
+    from cxrray.score.pipeline import preflight, score
+    from cxrray.storage import StorageError
+
     try:
+        cfg = config_from_args(args)
         preflight(cfg)  # a missing bucket or artifact is one line before any Ray process starts
         read_meta(cfg.artifact)
-    except (ScoreError, StorageError, ArtifactError) as e:
+    except (ConfigError, ScoreError, StorageError, ArtifactError) as e:
         return _refused(args, e)
     import ray
 
@@ -103,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, old)
         if started:
             ray.shutdown()  # before the JSON line: no worker log lines after it
+    save_config(cfg, storage.join(storage.normalize(cfg.out), CONFIG_NAME))  # how these rows were made
     _log_summary(summary)
     if args.json:
         print(json.dumps(summary), flush=True)

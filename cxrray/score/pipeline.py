@@ -13,15 +13,16 @@ import math
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 import pandas as pd
 import pyarrow as pa
 
-from cxrray import storage
+from cxrray import console, storage
 from cxrray.console import Progress
-from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from cxrray.job_configs import DEFAULT_CHUNK, ScoreConfig  # noqa: F401 - re-exported: the schema of a job
 from cxrray.predict import Predictor, decode_batch
 from cxrray.score.errors import OutputConflict
 from cxrray.score.inputs import fingerprint, list_inputs
@@ -29,25 +30,6 @@ from cxrray.score.store import (FORMAT, OutputLock, PartWriter, check_output, co
                                 read_index, read_manifest_json, scan_output, to_contract, write_manifest_json)
 
 log = logging.getLogger(__name__)
-DEFAULT_CHUNK = 1024
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    artifact: str
-    input: str
-    out: str
-    batch_size: int = 32
-    chunk_size: int = DEFAULT_CHUNK
-    actors: int | None = None  # default: fill the cluster (CPUs // cpus_per_actor, or GPUs)
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
-    decode: str = "auto"  # "actor", "task" (separate CPU stage) or auto: task with GPUs
-    force_model: bool = False
-    strict: bool = False  # not_radiograph / not_chest DICOMs become error rows instead of warnings
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bytes: int = DEFAULT_MAX_BYTES
-    ray_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,7 +44,9 @@ def plan_resources(cfg: ScoreConfig, cluster_cpus: float, cluster_gpus: float) -
     """Actor count and per-actor resources; on CPU the default fills the cluster with
     one-thread actors (decode is single-threaded, so processes scale better than threads)."""
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if cluster_gpus >= 1 else 0.0)
-    decode = cfg.decode if cfg.decode != "auto" else ("task" if gpus else "actor")
+    # On GPUs, nvJPEG decodes each batch's JPEGs in the actor (its CPU path takes the rest); with
+    # the Pillow decoder a CPU task stage decodes so the GPU actors only run forward passes.
+    decode = cfg.decode if cfg.decode != "auto" else ("task" if gpus and cfg.decoder == "pil" else "actor")
     if cfg.actors:
         actors = cfg.actors
     elif gpus:
@@ -110,7 +94,7 @@ def build_dataset(todo: pd.DataFrame, cfg: ScoreConfig, res: Resources, preproce
         ContractPredictor,
         fn_constructor_kwargs={"artifact": storage.normalize(cfg.artifact), "device": "cuda" if res.gpus else "cpu",
                                "num_threads": max(1, int(res.cpus)), "max_pixels": cfg.max_pixels,
-                               "max_bytes": cfg.max_bytes, "strict": cfg.strict},
+                               "max_bytes": cfg.max_bytes, "strict": cfg.strict, "decoder": cfg.decoder},
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(size=res.actors),
         num_cpus=res.cpus,
@@ -132,6 +116,9 @@ def _run_pipeline(todo: pd.DataFrame, cfg: ScoreConfig, preprocess, writer: Part
         return None, 0.0
     cluster = ray.cluster_resources()
     res = plan_resources(cfg, cluster.get("CPU", 1), cluster.get("GPU", 0))
+    # No more actors than batches: an actor with nothing to do still costs a process, a torch
+    # import and a model load (seconds each on a small machine, e.g. evaluating a small split).
+    res = replace(res, actors=min(res.actors, math.ceil(len(todo) / cfg.batch_size)))
     log.info("%d actors x (%g CPU, %g GPU), decode in %ss, batch %d, chunks of %d",
              res.actors, res.cpus, res.gpus, res.decode, cfg.batch_size, cfg.chunk_size)
     log.info("scoring %d images (%d already in the output)", len(todo), done_before)
@@ -175,8 +162,29 @@ def preflight(cfg: ScoreConfig) -> None:
     storage.check_store(cfg.artifact, what="--artifact")
 
 
+@contextmanager
+def ray_for_job(address: str | None = None) -> Iterator[bool]:
+    """The Ray a scoring job runs on, for callers that may or may not have one: the cluster
+    already initialised (the demo, a test session), else the one at `address` or RAY_ADDRESS
+    (a `ray job submit` driver), else a local one started here and shut down on exit, as
+    `cxrray score` does. Yields whether this call started it."""
+    import ray.data
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        console.after_ray_init()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # Progress counts images, not blocks
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def score(cfg: ScoreConfig) -> dict:
-    """Run (or finish) one scoring job; returns the summary. Needs Ray initialised."""
+    """Run (or finish) one scoring job; returns the summary. Runs on the Ray already
+    initialised, else joins or starts one while there are images to score (`ray_for_job`)."""
     from cxrray.artifact import read_meta
 
     t0 = time.perf_counter()
@@ -208,7 +216,8 @@ def score(cfg: ScoreConfig) -> dict:
         write_manifest_json(out, doc)
         writer = PartWriter(out, todo["image_id"].tolist(), cfg.chunk_size, state.next_part, schema,
                             meta.model_id, meta.label_space.to_dict(), run_id=run_id)
-        res, first_result = _run_pipeline(todo, cfg, meta.preprocess, writer, len(state.done))
+        with ray_for_job(cfg.ray_address) if len(todo) else nullcontext():  # nothing left: no cluster to start
+            res, first_result = _run_pipeline(todo, cfg, meta.preprocess, writer, len(state.done))
         summary = summarize(out, inputs, meta.model_id, writer, len(state.done), time.perf_counter() - t0)
         summary.update(first_result_s=round(first_result, 3), resources=asdict(res) if res else None)
         run.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), scored=writer.rows_written, wall_s=summary["wall_s"])

@@ -33,13 +33,12 @@ from cxrray.labels import (
 from cxrray.manifest import ManifestError, Skipped, SourceResult
 from cxrray.sources.generic import (
     describe_bad_cells,
-    files_exist,
+    drop_missing_files,
     finish,
     parse_numbers,
     read_csv,
     require_columns,
     skip_rows,
-    warn_if_no_files,
 )
 
 log = logging.getLogger(__name__)
@@ -290,11 +289,7 @@ def load_chexpert(
     out["source_split"] = source_split
 
     if check_files:
-        exists = files_exist(out["path"])
-        missing = keep & ~exists
-        skip_rows(skipped, rel[missing], "missing_file", out["path"][missing])
-        warn_if_no_files(int(keep.sum()), int(missing.sum()), dataset_dir)
-        keep &= exists
+        keep = drop_missing_files(keep, out["path"], rel, skipped, dataset_dir)
     out = out.loc[keep]
     n_frontal = int((out["frontal_lateral"] == "Frontal").sum())
     extra = f"{n_frontal:,} frontal / {len(out) - n_frontal:,} lateral; uncertainty {config.default.value}"

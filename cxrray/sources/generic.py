@@ -160,6 +160,19 @@ def warn_if_no_files(n_rows: int, n_missing: int, where: str | Path) -> None:
             "from the CSV alone", f"{n_rows:,}", where)
 
 
+def drop_missing_files(keep: np.ndarray, paths: pd.Series, items: pd.Series, skipped: Skipped,
+                       where: str | Path, exists: np.ndarray | None = None) -> np.ndarray:
+    """`keep` less the rows whose file is absent, each recorded as a `missing_file` skip (its
+    item, its path), with a warning when not one kept row has its file. `exists` defaults to
+    files_exist(paths); a source that has listed its folders already passes its own answer."""
+    if exists is None:
+        exists = files_exist(paths)
+    missing = keep & ~exists
+    skip_rows(skipped, items[missing], "missing_file", paths[missing])
+    warn_if_no_files(int(keep.sum()), int(missing.sum()), where)
+    return keep & exists
+
+
 def drop_duplicate_ids(df: pd.DataFrame, skipped: Skipped) -> pd.DataFrame:
     dup = df["image_id"].duplicated(keep="first").to_numpy()
     if dup.any():
@@ -279,11 +292,7 @@ def load_csv(
         out[name] = values[:, j]
 
     if check_files:
-        exists = files_exist(out["path"])
-        missing = keep & ~exists
-        skip_rows(skipped, rel[missing], "missing_file", out["path"][missing])
-        warn_if_no_files(int(keep.sum()), int(missing.sum()), root)
-        keep &= exists
+        keep = drop_missing_files(keep, out["path"], rel, skipped, root)
     return finish("csv", out.loc[keep], space, skipped, {"csv": str(csv), "root": root_abs})
 
 

@@ -1,0 +1,90 @@
+"""Programmatic entry points of Serve (the CLI's `cxrray serve`): deploy, find the URL, stop."""
+import logging
+import time
+from typing import Any
+
+from ray import serve
+
+log = logging.getLogger("cxrray.serve")
+
+_started_ray = False
+
+
+def http_url(host: str | None = None) -> str:
+    """The URL Serve's HTTP proxy listens on (the running instance's, not what was asked)."""
+    from ray.serve.context import _get_global_client
+
+    cfg = _get_global_client().http_config
+    h = host or cfg.host
+    return f"http://{'127.0.0.1' if h in ('0.0.0.0', '::') else h}:{cfg.port}"
+
+
+def run_server(
+    artifact: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    blocking: bool = True,
+    name: str = "cxrray",
+    route_prefix: str = "/",
+    num_replicas: int | None = None,
+    **limits: Any,
+) -> str:
+    """Deploy the app on Ray Serve and return its URL; with blocking=True, serve until Ctrl-C.
+
+    limits: any ServeArgs field (max_upload_bytes, max_pixels, max_batch_size, ...).
+    num_replicas: a fixed replica count instead of the default autoscaling (1..2).
+    Starts a local Ray when none is running (or joins RAY_ADDRESS / a `ray start` cluster).
+    """
+    global _started_ray
+    import ray
+
+    from cxrray.serve import build_app  # the app module imports this one
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+        _started_ray = True
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": 60})
+    args = {"artifact": artifact, **limits}
+    deployment = dict(args.pop("deployment", {}) or {})
+    if num_replicas is not None:
+        deployment.update(num_replicas=num_replicas, autoscaling_config=None)
+    else:
+        deployment.setdefault("autoscaling_config", DEFAULT_AUTOSCALING)
+    args["deployment"] = deployment
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    url = http_url() + ("" if route_prefix == "/" else route_prefix)
+    log.info("cxrray serving %s at %s", artifact, url)
+    if blocking:
+        print(f"cxrray: serving {artifact} at {url} (Ctrl-C to stop)", flush=True)  # noqa: T201 - CLI
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            shutdown()
+    return url
+
+
+DEFAULT_AUTOSCALING = {
+    "min_replicas": 1,
+    "initial_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 8,
+    "upscale_delay_s": 3,
+    "downscale_delay_s": 30,
+}
+
+
+def shutdown() -> None:
+    """Stop Serve (all apps, proxy, controller), and Ray if run_server started it."""
+    global _started_ray
+    import ray
+
+    try:
+        serve.shutdown()
+    finally:
+        if _started_ray and ray.is_initialized():
+            ray.shutdown()
+        _started_ray = False
