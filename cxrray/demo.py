@@ -206,6 +206,11 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
     storage.check_store(out, what="--out")
     storage.makedirs(out)
     s = DemoSummary(out)
+    from cxrray.schema import save_config
+
+    # The demo's own resolved config beside its outputs, as every job saves one (the training
+    # run keeps its TrainConfig, the scoring output its ScoreConfig in _manifest.json).
+    s.outputs["config"] = save_config(cfg, storage.join(out, "config.yaml"))
     started_ray = init_ray(None, cfg.num_workers + 2)
     try:
         manifest, loss = _dataset(cfg, out, s)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from clusters import free_port
@@ -35,6 +36,9 @@ def test_demo_end_to_end(ray_session, tmp_path, capfd):
     assert "core_worker.cc" not in captured.out + captured.err, captured.err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert "test mean AUROC" in stdout and "bulk scoring" in stdout
+    # 0: the resolved config beside the outputs
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epochs"] == 12 and saved["n_patients"] == 400 and saved["size"] == 64
     # 1-2: data and a patient-disjoint split
     manifest = pd.read_parquet(out / "manifest.parquet")
     assert manifest.groupby("patient_id")["split"].nunique().max() == 1

@@ -20,19 +20,15 @@ can show up only in the moment after a killed run and before the next one cleans
 
 One writer at a time: a local output holds an flock (the kernel drops it when the holder
 dies); an object store gets a lease object `_lock.json` that the writer refreshes, and that
-a new run may take over when it has expired or its owner's process is gone.
+a new run may take over when it has expired or its owner's process is gone (cxrray.score.lock).
 """
 from __future__ import annotations
 
 import bisect
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
-import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -46,19 +42,18 @@ import pyarrow.parquet as pq
 from cxrray import storage
 from cxrray.qa import IDENTITY_FIELDS
 from cxrray.score.errors import OutputConflict, ScoreError
+# Re-exported: the lock lived here, and cxrray.score and cxrray.score.pipeline import it from here.
+from cxrray.score.lock import LEASE, LEASE_TTL_S, LOCK, OutputLock  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
-LOCK = "_lock"
-LEASE = "_lock.json"
 COMMITS = "_commits"
 FORMAT = "cxrray-predictions/2"
 FORMAT_V1 = "cxrray-predictions/1"  # parts committed by rename, no records: still read
 PART_RE = re.compile(r"^part-(\d+)(?:-([0-9a-f]{8}))?\.parquet$")
 META_MODEL = b"cxrray.model_id"
 META_SPACE = b"cxrray.label_space"
-LEASE_TTL_S = 90.0  # an object-store lock not refreshed for this long is free to take
 
 
 def output_schema(prob_columns: Iterable[str]) -> pa.Schema:
@@ -335,94 +330,3 @@ def _group(keys: list[int]) -> dict[int, list[int]]:
     for j, k in enumerate(keys):
         out.setdefault(k, []).append(j)
     return out
-
-
-# --------------------------------------------------------------------------------- the lock
-
-
-class OutputLock:
-    """One writer per output folder: an flock locally, a refreshed lease on object stores."""
-
-    def __init__(self, out: str):
-        self.out = storage.normalize(out)
-        self._lease: _Lease | None = None
-        self.fd: int | None = None
-        if storage.is_uri(self.out):
-            self._lease = _Lease(self.out)
-            return
-        storage.makedirs(self.out)
-        path = os.path.join(self.out, LOCK)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise OutputConflict(f"another scoring run is writing {self.out}; wait for it or kill it") from None
-
-    def release(self) -> None:
-        if self._lease is not None:
-            self._lease.release()
-        elif self.fd is not None:
-            os.close(self.fd)
-
-
-class _Lease:
-    """`_lock.json` = {owner, host, pid, refreshed}; refreshed every TTL/4 by a daemon thread.
-    Taken over when expired, or when its owner is a dead process on this host (a SIGKILLed
-    driver that is re-run at once need not wait out the TTL). Object stores here offer no
-    compare-and-swap, so after writing the lease it is read back once more: two drivers
-    started within the same second are then caught unless both writes land before either
-    read, which the single-driver design of a scoring job does not rely on."""
-
-    def __init__(self, out: str):
-        self.path = storage.join(out, LEASE)
-        self.owner = uuid.uuid4().hex
-        self.host, self.pid = socket.gethostname(), os.getpid()
-        held = self._read()
-        if held and held.get("owner") != self.owner and not self._free(held):
-            age = time.time() - float(held.get("refreshed", 0))
-            raise OutputConflict(f"another scoring run (host {held.get('host')}, pid {held.get('pid')}) holds "
-                                 f"{self.path}, refreshed {age:.0f}s ago; wait for it, or for the lease to "
-                                 f"expire {LEASE_TTL_S:.0f}s after its last refresh")
-        self._write()
-        time.sleep(0.2)
-        if (self._read() or {}).get("owner") != self.owner:
-            raise OutputConflict(f"another scoring run took {self.path} at the same moment; run one at a time")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._refresh, name="cxrray-lease", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> dict | None:
-        try:
-            return storage.read_json(self.path)
-        except (FileNotFoundError, ValueError):
-            return None
-
-    def _write(self) -> None:
-        storage.write_json(self.path, {"owner": self.owner, "host": self.host, "pid": self.pid,
-                                       "refreshed": time.time()})
-
-    def _free(self, held: dict) -> bool:
-        if time.time() - float(held.get("refreshed", 0)) > LEASE_TTL_S:
-            return True
-        if held.get("host") == self.host:
-            try:
-                os.kill(int(held.get("pid", -1)), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, ValueError):
-                return False
-        return False
-
-    def _refresh(self) -> None:
-        while not self._stop.wait(LEASE_TTL_S / 4):
-            try:
-                self._write()
-            except OSError as e:  # a blip: the next refresh retries well before expiry
-                log.warning("could not refresh %s: %s", self.path, e)
-
-    def release(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        if (self._read() or {}).get("owner") == self.owner:
-            storage.delete(self.path)

@@ -25,7 +25,7 @@ so for real archives set CXRRAY_PATIENT_SALT to a site secret (a warning says so
 Without labels_csv the label space is empty (as `folder`: input for scoring). With it, label
 columns parse as in the csv source (numbers in [0, 1], blank = no supervision) and join on
 SOPInstanceUID (one row per image) or AccessionNumber (one row per study: every image of the
-study gets it); images without a row are skipped as `no_label_row`.
+study gets it); images without a row are skipped as `no_label_row` (cxrray.sources.dicom_labels).
 """
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
-import numpy as np
 import pandas as pd
 import pydicom
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -49,13 +48,14 @@ from cxrray import storage
 from cxrray.imaging import ImageError, bare_dicom_start, load_image_info, sniff_format
 from cxrray.labels import MULTILABEL, LabelSpace
 from cxrray.manifest import ManifestError, Skipped, SourceResult
-from cxrray.sources.generic import _numeric_labels, finish, parse_numbers, read_csv, require_columns, skip_rows
+# The labels join has its own module; JOIN_KEYS stays importable from here too.
+from cxrray.sources.dicom_labels import JOIN_KEYS, join_labels
+from cxrray.sources.generic import finish
 
 log = logging.getLogger(__name__)
 
 SALT_ENV = "CXRRAY_PATIENT_SALT"
 DEFAULT_SALT = "cxrray-patient-id-v1"
-JOIN_KEYS: tuple[str, ...] = ("SOPInstanceUID", "AccessionNumber")
 EXTRA_COLUMNS: tuple[str, ...] = ("sop_uid", "series_uid", "modality", "body_part")
 # What the header read keeps; with stop_before_pixels pydicom seeks past everything else.
 HEADER_TAGS: tuple[str, ...] = (
@@ -63,12 +63,6 @@ HEADER_TAGS: tuple[str, ...] = (
     "Modality", "ViewPosition", "BodyPartExamined", "Rows", "Columns",
 )
 VIEWS: dict[str, str] = {"PA": "PA", "AP": "AP", "LL": "LL", "RL": "RL", "LATERAL": "LATERAL", "LAT": "LATERAL"}
-# Columns of a labels CSV that are never labels (compared case-insensitively).
-_ID_COLUMNS = frozenset(c.lower() for c in (
-    *JOIN_KEYS, "sop_uid", "sop_instance_uid", "accession", "accession_number", "StudyInstanceUID", "study_uid",
-    "SeriesInstanceUID", "series_uid", "path", "image_id", "chexpert_path", "PatientID", "patient_id",
-))
-_ALIASES = {"SOPInstanceUID": ("sop_uid", "sop_instance_uid"), "AccessionNumber": ("accession", "accession_number")}
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 _PREFIX = 64 * 1024  # read at once; CR/DX headers are a few KiB (a VOI LUT adds 8)
 _warned_default_salt = False
@@ -335,7 +329,7 @@ def load_dicom(
     if labels_csv is None:
         space = LabelSpace(())
     else:
-        df, space, join_info = _join_labels(df, labels_csv, join_on, label_cols, task, skipped)
+        df, space, join_info = join_labels(df, labels_csv, join_on, label_cols, task, skipped)
         info.update(join_info)
     df = df.drop(columns=["accession"])
     rate = f"headers {len(headers) + len(skipped):,} in {seconds:.1f}s"
@@ -361,73 +355,3 @@ def _frame(headers: list) -> pd.DataFrame:
     rows = [(rel, path, h.patient_id, h.study_id, h.view, None, h.sop_uid, h.series_uid, h.modality,
              h.body_part, h.accession) for rel, path, h in headers]
     return pd.DataFrame(rows, columns=cols, dtype=object)  # paths are absolute: root was normalised
-
-
-# ----------------------------------------------------------------------------- labels
-
-_LABELS_HINT = "pass labels_csv with a SOPInstanceUID or AccessionNumber column and numeric label columns"
-
-
-def _key_column(csv: pd.DataFrame, path, join_on: str) -> str:
-    lower = {c.lower(): c for c in csv.columns}
-    for name in (join_on, *_ALIASES[join_on]):
-        if name.lower() in lower:
-            return lower[name.lower()]
-    require_columns(csv, path, [join_on], f"name the column {join_on} (or pass join_on=...); {_LABELS_HINT}")
-    raise AssertionError("unreachable")
-
-
-def _label_columns(csv: pd.DataFrame, path, key: str, label_cols: Sequence[str] | None) -> list[str]:
-    if label_cols is not None:
-        require_columns(csv, path, label_cols, f"pass --label-cols naming columns of {storage.name(path)}")
-        return list(label_cols)
-    cols = []
-    for c in csv.columns:
-        if c == key or c.lower() in _ID_COLUMNS:
-            continue
-        vals, bad = parse_numbers(csv[c])
-        if not bad.any() and not np.isnan(vals).all():
-            cols.append(c)
-    if not cols:
-        raise ManifestError(f"{path}: no numeric label columns (columns: {', '.join(csv.columns)}); "
-                            f"pass label_cols=[...] / --label-cols")
-    return cols
-
-
-def _join_labels(df: pd.DataFrame, labels_csv, join_on: str, label_cols, task: str,
-                 skipped: Skipped) -> tuple[pd.DataFrame, LabelSpace, dict]:
-    path = labels_csv if storage.is_uri(labels_csv) else Path(labels_csv)
-    csv = read_csv(path, what="labels", hint=_LABELS_HINT)
-    key_col = _key_column(csv, path, join_on)
-    cols = _label_columns(csv, path, key_col, label_cols)
-    space, values, bad, details = _numeric_labels(csv, cols, task)
-    keys = csv[key_col].astype(str).str.strip()
-    blank = (keys == "").to_numpy()
-    if blank.any():
-        skip_rows(skipped, [f"{storage.name(path)}:row{i + 2}" for i in np.flatnonzero(blank)], "unparseable_path",
-                  f"empty {key_col!r}")
-    detail_of = dict(zip(keys[bad].tolist(), details))
-    table = pd.DataFrame(values, columns=list(space.columns))
-    table.insert(0, "_key", keys)
-    table = table[~blank & ~bad].drop_duplicates()  # identical rows (one per image of a study) collapse
-    conflicting = set(table.loc[table["_key"].duplicated(), "_key"])
-    table = table[~table["_key"].isin(conflicting)].set_index("_key")
-
-    image_key = df["sop_uid"] if join_on == "SOPInstanceUID" else df["accession"]
-    found = image_key.isin(table.index).to_numpy()
-    is_bad = image_key.isin(detail_of.keys()).to_numpy() & ~found
-    is_conflict = image_key.isin(conflicting).to_numpy()
-    missing = ~found & ~is_bad & ~is_conflict
-    skip_rows(skipped, df["image_id"][is_bad], "unknown_label_value", [detail_of[k] for k in image_key[is_bad]])
-    skip_rows(skipped, df["image_id"][is_conflict], "conflicting_labels",
-              f"rows of {storage.name(path)} with this image's {join_on} disagree")
-    skip_rows(skipped, df["image_id"][missing], "no_label_row", f"no row of {storage.name(path)} has its {join_on}")
-    out = df[found].reset_index(drop=True)
-    labels = table.reindex(image_key[found].to_numpy())
-    for name in space.columns:
-        out[name] = labels[name].to_numpy(dtype=np.float32)
-    unmatched = int((~table.index.isin(image_key)).sum())
-    if unmatched:
-        log.warning("%s: %d label rows match no image under the root (by %s)", path, unmatched, join_on)
-    return out, space, {"labels_csv": str(path), "join_on": join_on, "label_rows": len(csv),
-                        "labels_unmatched": unmatched}
