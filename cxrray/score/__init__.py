@@ -3,7 +3,8 @@
     cxrray score --artifact s3://bucket/runs/x/artifacts/best --input s3://bucket/archive/ --out s3://bucket/scores/
 
 * inputs.py   what to score: folder, glob, CSV/Parquet list or URI prefix -> unique image_ids
-* store.py    the output: part files + commit records, resume, the one-writer lock
+* store.py    the output: part files + commit records, resume
+* lock.py     the one-writer lock (flock locally, a lease on object stores)
 * pipeline.py the Ray Data actor pool that fills the store
 * cli.py      options, exit codes
 
