@@ -21,9 +21,20 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: every socket stays bound until all are picked, since the kernel
+    may hand a just-released port out again (Ray refuses a node whose components share one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture
@@ -72,18 +83,21 @@ class Head:
     env: dict
 
 
-def _node_ports() -> dict[str, int]:
-    return {"--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-            "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
-            "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+NODE_PORT_FLAGS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                   "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")
+HEAD_PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port")
+
+
+def _ports(flags: tuple[str, ...]) -> dict[str, int]:
+    return dict(zip(flags, free_ports(len(flags))))
 
 
 def start_head(ray_tmp: Path, num_cpus: int = 4, resources: dict | None = None) -> Head:
     """`ray start --head` on 127.0.0.1 with every port free-picked (nothing collides with the
     session cluster or a neighbour's), dashboard on loopback. Stopped by the ray_tmp fixture."""
     env = cluster_env(ray_tmp)
-    gcs, dash = free_port(), free_port()
-    ports = {"--port": gcs, "--dashboard-port": dash, "--ray-client-server-port": free_port(), **_node_ports()}
+    ports = _ports(HEAD_PORT_FLAGS + NODE_PORT_FLAGS)
+    gcs, dash = ports["--port"], ports["--dashboard-port"]
     extra = [f"--resources={json.dumps(resources)}"] if resources else []
     start = subprocess.run([str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                             f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -100,7 +114,7 @@ def start_node(head: Head, temp_dir: Path, num_cpus: int, resources: dict | None
     extra = [f"--resources={json.dumps(resources)}"] if resources else []
     start = subprocess.run([str(VENV_BIN / "ray"), "start", f"--address={head.gcs_address}",
                             "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
-                            "--disable-usage-stats", *extra, *[f"{k}={v}" for k, v in _node_ports().items()]],
+                            "--disable-usage-stats", *extra, *[f"{k}={v}" for k, v in _ports(NODE_PORT_FLAGS).items()]],
                            env={**head.env, "RAY_TMPDIR": str(temp_dir)}, capture_output=True, text=True,
                            timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
