@@ -195,8 +195,9 @@ def evaluate(artifact: str | Path, manifest: str | Path, out_dir: str | Path, *,
     paths = rows["path"].to_numpy()[ok].tolist()
     _publish(res, artifact, meta, targets, probs, paths, out, split=split, manifest=str(manifest),
              gallery_k=gallery_k, extra={"predictions": pred_dir, "inputs": inputs})
+    auroc = f"{metrics.mean_auroc:.4f}" if metrics.mean_auroc is not None else "n/a"
     log.info("evaluated %d images (%d unreadable, %d scored this run) in %.1fs: mean AUROC %s", len(rows),
-             res.n_errors, scoring["scored_this_run"], time.time() - start, metrics.mean_auroc)
+             res.n_errors, scoring["scored_this_run"], time.time() - start, auroc)
     return res
 
 
