@@ -222,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         ev["argmax"] = argmax_summary(best, mf, "test")
         summary["evaluate"][name] = ev
     meta = json.loads((best / "model.json").read_text())
-    summary["best_epoch"] = meta["summary"]["best_epoch"]
-    summary["history"] = meta["summary"]["history"]
+    summary["best_epoch"] = meta["summary"].get("best_epoch")  # an ensemble (seeds=N) has members instead
+    summary["history"] = meta["summary"].get("history", [])
+    summary["members"] = meta["summary"].get("members")
     (work / f"{run_name}_{args.artifact}.json").write_text(json.dumps(summary, indent=2, default=float))
     o = summary["evaluate"]["official_test"]
     log.info("official test: accuracy %.4f (argmax), AUROC %s, per class %s", o["argmax"]["accuracy"],

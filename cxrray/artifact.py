@@ -45,6 +45,9 @@ class ModelMeta:
     weights_sha256: str = ""  # of model.pt: readers verify it (a torn or raced read never loads)
     code_version: str = __version__
     created: str = ""
+    # An ensemble (cxrray.ensemble): how many members model.pt holds, and the TTA views they see.
+    members: int = 1
+    tta: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,7 +101,10 @@ def write_local(directory: Path, model: nn.Module, meta: ModelMeta) -> Path:
     # The id hashes the weights and the label space/preprocessing: same weights with another
     # label order must not share an id.
     h = hashlib.sha256(digest.encode())
-    h.update(json.dumps([meta.label_space.to_dict(), meta.preprocess.to_dict(), meta.architecture]).encode())
+    identity = [meta.label_space.to_dict(), meta.preprocess.to_dict(), meta.architecture]
+    if meta.members > 1 or meta.tta:  # the same weights seen through other views are another model
+        identity += [meta.members, list(meta.tta)]
+    h.update(json.dumps(identity).encode())
     meta.model_id = h.hexdigest()[:16]
     meta.weights_sha256 = digest
     meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -172,10 +178,16 @@ def localize(directory: str | Path, attempts: int = 5) -> Path:
                         "is something rewriting it?")
 
 
-def load_artifact(directory: str | Path, device: str | torch.device = "cpu") -> tuple[CXRModel, ModelMeta]:
+def load_artifact(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """The model (a CXRModel, or an ensemble.Ensemble of them) in eval mode, and its meta."""
     local = localize(directory)
     meta = read_meta(local)
     model = build_model(meta.architecture, meta.label_space.num_outputs, meta.preprocess)
+    if meta.members > 1 or meta.tta:
+        from cxrray.ensemble import Ensemble
+
+        model = Ensemble([model] + [build_model(meta.architecture, meta.label_space.num_outputs, meta.preprocess)
+                                    for _ in range(meta.members - 1)], meta.tta or ("identity",))
     # weights_only=True: a checkpoint from elsewhere can carry no executable pickle.
     state = torch.load(local / WEIGHTS, map_location="cpu", weights_only=True)
     model.load_state_dict(state)

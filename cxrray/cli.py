@@ -24,19 +24,12 @@ def _emit(args: argparse.Namespace, human: str, summary: dict[str, Any]) -> None
 
 
 def _manifest_config(args: argparse.Namespace):
-    from cxrray.config import ManifestConfig
+    from cxrray.config import MOVED_UNCERTAINTY, ManifestConfig
     from cxrray.schema import from_args
 
-    unc = None
-    if args.uncertainty or args.uncertainty_override or args.blank:
-        overrides = {}
-        for o in args.uncertainty_override:
-            if "=" not in o:
-                raise ConfigError(f"uncertainty_override: {o!r} must look like LABEL=POLICY (e.g. Edema=U-Ones)")
-            label, policy = o.split("=", 1)
-            overrides[label] = policy
-        unc = {"default": args.uncertainty or "U-Zeros", "overrides": overrides, "blank": args.blank or "zero"}
-    return from_args(ManifestConfig, args, uncertainty=unc)
+    if args.uncertainty or args.uncertainty_override or args.blank:  # flags of older releases: say where they went
+        raise ConfigError(MOVED_UNCERTAINTY)
+    return from_args(ManifestConfig, args)
 
 
 def _train_config(args: argparse.Namespace):
@@ -170,6 +163,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from cxrray import storage
+
+    cfg = args.cfg
+    storage.check_store(cfg.out, what="--out")
+    storage.check_store(cfg.manifest, what="--manifest")
+    for m in cfg.members:
+        _check_artifact(m)
+    from cxrray.artifact import read_meta
+    from cxrray.ensemble import DEFAULT_TTA, build_ensemble
+
+    out = build_ensemble(cfg.members, cfg.manifest, cfg.out, tta=DEFAULT_TTA if cfg.tta else (),
+                         val_labels=cfg.val_labels, actors=cfg.actors, ray_address=cfg.ray_address)
+    meta = read_meta(out)
+    auroc = meta.summary.get("val_mean_auroc")
+    _emit(args, f"ensemble of {meta.members} {meta.architecture} model(s){' with TTA' if meta.tta else ''}: "
+                f"validation mean AUROC {auroc:.4f}\n  artifact: {out}" if auroc is not None else f"artifact: {out}",
+          {"artifact": str(out), "model_id": meta.model_id, "members": meta.members, "tta": meta.tta,
+           "val_mean_auroc": auroc, "thresholds": meta.thresholds})
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cxrray import storage
     from cxrray.config import save_config
@@ -238,7 +253,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from cxrray.config import ManifestConfig, TrainConfig
-    from cxrray.job_configs import DemoConfig, EvaluateConfig, ScoreConfig, ServeArgs
+    from cxrray.job_configs import DemoConfig, EnsembleConfig, EvaluateConfig, ScoreConfig, ServeArgs
     from cxrray.schema import add_flags, keys_help
 
     p = argparse.ArgumentParser(prog="cxrray", description=__doc__.split("\n")[0])
@@ -268,11 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = add("manifest", cmd_manifest, "build a manifest (and patient split) from a dataset", _manifest_config)
     add_flags(m, ManifestConfig)
-    m.add_argument("--uncertainty", default=None, help="chexpert, synthetic: U-Ignore, U-Zeros (default), U-Ones or "
-                                                       "U-MultiClass")
-    m.add_argument("--uncertainty-override", action="append", default=[], metavar="LABEL=POLICY",
-                   help="per-label policy, e.g. Edema=U-Ones (repeatable)")
-    m.add_argument("--blank", default=None, help="blank cells: zero (default) or ignore")
+    for flag in ("--uncertainty", "--uncertainty-override", "--blank"):  # moved: training applies the policy
+        m.add_argument(flag, action="append", default=[], help=argparse.SUPPRESS)
 
     lk = add("leakage", cmd_leakage, "report patients and identical images shared across splits")
     lk.add_argument("--manifest", required=True)
@@ -294,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_flags(add("evaluate", cmd_evaluate, "evaluate an artifact on a manifest split", _from_flags("EvaluateConfig")),
               EvaluateConfig)
+    add_flags(add("ensemble", cmd_ensemble, "combine trained artifacts (seeds) into one ensemble artifact, "
+                  "optionally with test-time augmentation", _from_flags("EnsembleConfig")), EnsembleConfig)
 
     # The same flags as `python -m cxrray.score` (both from ScoreConfig); cxrray.score itself,
     # which imports torch, loads only when the command runs.
@@ -323,7 +337,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     return run(args)
 
 
-RAY_COMMANDS = frozenset({"demo", "prepare", "train", "score", "serve", "evaluate"})
+RAY_COMMANDS = frozenset({"demo", "prepare", "train", "score", "serve", "evaluate", "ensemble"})
 
 
 def _config_error(args: argparse.Namespace, message: str) -> int:

@@ -8,7 +8,7 @@ either is imported.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -18,7 +18,7 @@ from cxrray.schema import ConfigError, build, load_config, parse_overrides, save
 # Spelled out rather than imported: cxrray.models, losses and sources pull in torch and pandas,
 # and validation must stay fast. tests/test_config.py checks each equals its registry.
 MODELS = ("densenet121", "resnet50", "vgg16", "inception_v3", "small_cnn", "tiny_cnn")
-LOSSES = ("bce", "weighted_bce", "focal", "ce")
+LOSSES = ("bce", "weighted_bce", "focal", "ce", "aucm")
 SOURCES = ("chexpert", "synthetic", "nih", "kermany", "csv", "folder", "dicom")
 ModelName = Literal["densenet121", "resnet50", "vgg16", "inception_v3", "small_cnn", "tiny_cnn"]
 SourceName = Literal["chexpert", "synthetic", "nih", "kermany", "csv", "folder", "dicom"]
@@ -69,10 +69,14 @@ def _uncertainty(value: Any) -> Any:
     return None if value == {} else value
 
 
+MOVED_UNCERTAINTY = ("uncertainty: manifests keep the raw 1/0/-1/blank labels; the uncertainty policy is a "
+                     "training key now (`uncertainty: U-Ones` in the train config), so one manifest serves every "
+                     "policy")
+
 # Which loader options each source takes (the adapters' keyword arguments; the CLI's flags).
 LOADER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "chexpert": ("labels", "uncertainty", "views", "ap_pa", "official_split", "check_files"),
-    "synthetic": ("labels", "uncertainty", "views", "ap_pa", "official_split", "check_files"),
+    "chexpert": ("labels", "views", "ap_pa", "official_split", "check_files"),
+    "synthetic": ("labels", "views", "ap_pa", "official_split", "check_files"),
     "nih": ("csv", "images_dir", "train_val_list", "test_list", "bbox_csv", "check_files"),
     "kermany": ("classes", "check_duplicates"),
     "csv": ("path_col", "label_cols", "class_col", "classes", "patient_col", "study_col", "view_col", "split_col",
@@ -93,9 +97,6 @@ class ManifestConfig:
     seed: int = Field(0, description="seed of the patient split")
     # chexpert / synthetic
     labels: Union[str, list[str], None] = Field(None, description="class subset or a named selection (chexpert5)")
-    uncertainty: Optional[UncertaintySpec] = Field(
-        None, description="{default: U-Zeros, overrides: {Edema: U-Ones}, blank: zero} (none: U-Zeros)",
-        json_schema_extra={"cli": False})
     views: Optional[list[str]] = Field(None, description="CheXpert views: frontal, lateral or both")
     ap_pa: Optional[list[str]] = Field(None, description="CheXpert frontal projections kept: AP, PA")
     official_split: bool = Field(True, description="keep the source's own train/valid split",
@@ -136,7 +137,8 @@ class ManifestConfig:
     _split = field_validator("split", mode="before")(lambda v: split_commas(v))
     _lists = field_validator("views", "ap_pa", "label_cols", mode="before")(
         lambda v: [v] if isinstance(v, str) and "," not in v else split_commas(v))
-    _unc = field_validator("uncertainty", mode="before")(lambda v: _uncertainty(v))
+    # Keys of older releases, refused with where they went (schema._problem).
+    moved_keys: ClassVar[dict[str, str]] = {"uncertainty": MOVED_UNCERTAINTY.removeprefix("uncertainty: ")}
 
     @field_validator("split")
     @classmethod
@@ -161,8 +163,6 @@ class ManifestConfig:
         fields = type(self).__pydantic_fields__
         out = {n: getattr(self, n) for n in LOADER_OPTIONS[self.source]
                if getattr(self, n) != fields[n].get_default(call_default_factory=True)}
-        if self.uncertainty is not None and "uncertainty" in out:
-            out["uncertainty"] = self.uncertainty.to_policy()
         return out
 
 
@@ -175,8 +175,12 @@ class TrainConfig:
     root: Optional[str] = Field(None, description="dataset root the manifest is built from")
     source_options: dict[str, Any] = Field(default_factory=dict, description="manifest options (`cxrray manifest "
                                            "--help`), e.g. {classes: 3} for kermany, {views: [frontal]}")
-    uncertainty: Optional[UncertaintySpec] = Field(None, description="{default: U-Zeros, overrides: {Edema: "
-                                                   "U-Ones}, blank: zero}; none: the source's default")
+    uncertainty: Optional[UncertaintySpec] = Field(None, description="training policy for uncertain (-1) and "
+                                                   "blank labels: {default: U-Zeros, overrides: {Edema: U-Ones}, "
+                                                   "blank: zero}; none: U-Zeros, blank zero")
+    val_labels: Literal["certain", "blank_negative", "train"] = Field(
+        "certain", description="validation AUROC and thresholds on: certain (uncertain and blank masked) | "
+                               "blank_negative (uncertain masked) | train (the training policy)")
     split: Fractions = Field((0.8, 0.1, 0.1), description="train, valid, test fractions by patient (sum to 1)")
     labels: Union[list[str], str, None] = Field(None, description="subset/named selection of the manifest's labels")
     data_format: Literal["raw", "shards"] = Field("raw", description="raw: decode files each epoch; shards: "
@@ -187,6 +191,8 @@ class TrainConfig:
     model: ModelName = Field("densenet121", description=" | ".join(MODELS))
     pretrained: Optional[str] = Field(None, description="none | imagenet (torch hub cache) | a weights file")
     freeze_backbone: bool = Field(False, description="transfer learning: train the head only")
+    init_from: Optional[str] = Field(None, description="start from this artifact's weights (dir, URI or "
+                                                       "models:/...; same model and classes): a two-stage recipe")
     image_size: int = Field(224, ge=16, le=2048, description="input side in px (16-2048)")
     channels: Literal[1, 3] = Field(3, description="3: replicate grey; 1: adapt the first conv")
 
@@ -195,8 +201,9 @@ class TrainConfig:
     batch_size: int = Field(32, ge=1, description="images per worker per step (>= 1)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (> 0)")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (>= 0)")
-    loss: Literal["bce", "weighted_bce", "focal", "ce"] = Field("bce", description="bce | weighted_bce | focal | "
-                                                                "ce (multi-class)")
+    loss: Literal["bce", "weighted_bce", "focal", "ce", "aucm"] = Field(
+        "bce", description="bce | weighted_bce | focal | ce (multi-class) | aucm (AUC-margin; stage 2 after "
+                           "init_from a bce/ce run)")
     upsample: bool = Field(False, description="repeat rare-class positives instead of (or as well as) weighting")
     scheduler: Literal["cosine", "plateau", "none"] = Field("cosine", description="cosine | plateau | none")
     warmup_epochs: int = Field(0, ge=0, description="linear warm-up epochs of the cosine schedule")
@@ -206,6 +213,10 @@ class TrainConfig:
     early_stopping_patience: int = Field(0, ge=0, description="epochs without val mean AUROC gain; 0 = off")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap, for smoke runs")
     seed: int = Field(0, description="seed of the split, shuffling and initialisation")
+    seeds: int = Field(1, ge=1, le=16, description="train this many models (seeds seed, seed+1, ...) and publish "
+                                                   "their ensemble as artifacts/best (1: one model)")
+    tta: bool = Field(False, description="test-time augmentation in the published artifact (identity, +-5 deg "
+                                         "rotations, 1.05 zoom; thresholds chosen with it on valid)")
 
     # Augmentation
     aug_scale: tuple[float, float] = Field((0.85, 1.0), description="random resized crop area range, in (0, 1]")
@@ -256,18 +267,20 @@ class TrainConfig:
         # The manifest this run may build is checked now, not after Ray has started.
         if self.source:
             self.manifest_config()
-        elif self.source_options or self.uncertainty:
-            raise ValueError("source_options and uncertainty configure the manifest built from `source`: set source")
+        elif self.source_options:
+            raise ValueError("source_options configure the manifest built from `source`: set source")
         return self
 
     def manifest_config(self) -> ManifestConfig:
         """The manifest this run builds when `manifest` does not exist yet."""
-        reserved = sorted({"source", "root", "out", "split", "seed", "uncertainty"} & set(self.source_options))
+        if "uncertainty" in self.source_options:
+            raise ValueError("source_options: " + MOVED_UNCERTAINTY)
+        reserved = sorted({"source", "root", "out", "split", "seed"} & set(self.source_options))
         if reserved:
             raise ValueError(f"source_options: {', '.join(reserved)} are keys of the train config itself")
         try:
             return ManifestConfig(source=self.source, root=self.root or "", out=self.manifest, split=self.split,
-                                  seed=self.seed, uncertainty=self.uncertainty, **self.source_options)
+                                  seed=self.seed, **self.source_options)
         except Exception as e:  # a ValidationError: name where the bad value sits
             from pydantic import ValidationError
 
@@ -276,6 +289,12 @@ class TrainConfig:
             if isinstance(e, ValidationError):
                 raise ValueError("source_options: " + one_line(e, ManifestConfig)) from None
             raise
+
+    def uncertainty_policy(self):
+        """The training policy (cxrray.labels.UncertaintyConfig): U-Zeros, blank zero unless set."""
+        from cxrray.labels import UncertaintyConfig
+
+        return self.uncertainty.to_policy() if self.uncertainty is not None else UncertaintyConfig()
 
     def resolved_storage(self) -> str:
         """An absolute local path, or the URI as given: Ray Train takes `s3://...` unchanged."""

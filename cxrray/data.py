@@ -1,7 +1,8 @@
 """Ray Data glue: manifest -> Dataset -> decode -> resize -> augment -> batch dicts.
 
 Batches are {"image": uint8 [N,1,S,S], "labels": float32 [N,K]}; normalisation happens in
-the model. Two inputs: raw files (decoded each epoch) or Parquet shards written once by
+the model. "labels" are targets: the manifest's cells through a `TargetMap` (the training
+policy for the train split, the validation policy for valid), applied in the decode tasks. Two inputs: raw files (decoded each epoch) or Parquet shards written once by
 `prepare_shards` (decoded and resized), which skip the per-file open/decode cost.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from cxrray import storage
 from PIL import Image
 
 from cxrray.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError
-from cxrray.labels import LabelSpace
+from cxrray.labels import LabelSpace, TargetMap, UncertaintyConfig
 from cxrray.transforms import Augment, Preprocess, augment_native, load_resized, resize_native, to_uint8
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,18 @@ SHARD_ROWS = 1000
 SHARD_INFO = "shards.json"
 
 
-def _label_matrix(batch: dict, label_cols: Sequence[str]) -> np.ndarray:
+def _label_matrix(batch: dict, label_cols: Sequence[str], targets: TargetMap | None) -> np.ndarray:
     n = len(batch["path"]) if "path" in batch else len(batch["image_id"])
     if not label_cols:
         return np.zeros((n, 0), np.float32)
-    return np.stack([np.asarray(batch[c], dtype=np.float32) for c in label_cols], axis=1)
+    cells = np.stack([np.asarray(batch[c], dtype=np.float32) for c in label_cols], axis=1)
+    return targets(cells) if targets is not None else cells
+
+
+def _targets(space: LabelSpace, targets: TargetMap | None) -> TargetMap:
+    """The caller's map, else the default training policy (U-Zeros, blank zero): raw -1 never
+    reaches a loss."""
+    return targets if targets is not None else TargetMap.training(space, UncertaintyConfig())
 
 
 def _keep_good(images: list, labels: np.ndarray, errors: list[str], size: int) -> dict:
@@ -51,7 +59,8 @@ def _keep_good(images: list, labels: np.ndarray, errors: list[str], size: int) -
 
 
 def decode_files(batch: dict, *, pre: Preprocess, aug: Augment | None, label_cols: Sequence[str],
-                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+                 targets: TargetMap | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     rng = np.random.default_rng()
     images, errors = [], []
     for path in batch["path"]:
@@ -62,10 +71,11 @@ def decode_files(batch: dict, *, pre: Preprocess, aug: Augment | None, label_col
         except ImageError as e:
             images.append(None)
             errors.append(f"{e.reason}: {e}")
-    return _keep_good(images, _label_matrix(batch, label_cols), errors, pre.size)
+    return _keep_good(images, _label_matrix(batch, label_cols, targets), errors, pre.size)
 
 
-def decode_shard_rows(batch: dict, *, pre: Preprocess, aug: Augment | None, label_cols: Sequence[str]) -> dict:
+def decode_shard_rows(batch: dict, *, pre: Preprocess, aug: Augment | None, label_cols: Sequence[str],
+                      targets: TargetMap | None = None) -> dict:
     rng = np.random.default_rng()
     size = pre.size
     images = []
@@ -77,7 +87,7 @@ def decode_shard_rows(batch: dict, *, pre: Preprocess, aug: Augment | None, labe
             images.append(resize_native(Image.fromarray(img), size)[None])
         else:
             images.append(to_uint8(augment_native(Image.fromarray(img), size, aug, rng))[None])
-    return _keep_good(images, _label_matrix(batch, label_cols), [], size)
+    return _keep_good(images, _label_matrix(batch, label_cols, targets), [], size)
 
 
 MAX_ROWS_PER_TASK = 256
@@ -96,9 +106,10 @@ def _rows_per_task(n_rows: int, batch_size: int) -> int:
 
 
 def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Augment | None,
-                  batch_size: int = 32, *, shuffle: bool = False, seed: int | None = None) -> ray.data.Dataset:
-    """Raw image files -> batch dicts. One block per decode task, sized by `_rows_per_task`, so
-    decoding spreads over all CPUs. `batch_size` is the smallest task; training re-batches.
+                  batch_size: int = 32, *, shuffle: bool = False, seed: int | None = None,
+                  targets: TargetMap | None = None) -> ray.data.Dataset:
+    """Raw image files -> batch dicts; labels through `targets` (default: U-Zeros, blank zero).
+    One block per decode task, sized by `_rows_per_task`, so decoding spreads over all CPUs. `batch_size` is the smallest task; training re-batches.
 
     shuffle (training): the rows are permuted once and the blocks re-ordered every epoch; the
     train loop's local shuffle buffer then mixes neighbouring blocks. Without it a manifest in
@@ -116,7 +127,8 @@ def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Aug
     if shuffle:
         ds = ds.randomize_block_order()  # blocks of paths: cheap; a new order each execution (epoch)
     return ds.map_batches(decode_files, batch_size=rows, batch_format="numpy",
-                          fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns)})
+                          fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns),
+                                     "targets": _targets(space, targets)})
 
 
 def _read_shards(split_dir: str, shuffle: str | None = None) -> ray.data.Dataset:
@@ -140,9 +152,10 @@ def _read_shards(split_dir: str, shuffle: str | None = None) -> ray.data.Dataset
 
 
 def shards_dataset(shards_dir: str | Path, split: str, space: LabelSpace, pre: Preprocess,
-                   aug: Augment | None, batch_size: int = 32, *, shuffle: bool = False) -> ray.data.Dataset:
-    """Parquet shards -> batch dicts. shuffle (training): shard files in a new order every epoch;
-    rows were shuffled when the shards were written, and the train loop's local buffer mixes."""
+                   aug: Augment | None, batch_size: int = 32, *, shuffle: bool = False,
+                   targets: TargetMap | None = None) -> ray.data.Dataset:
+    """Parquet shards (which keep the manifest's cells) -> batch dicts; labels through `targets`.
+    shuffle (training): shard files in a new order every epoch; rows were shuffled when the shards were written, and the train loop's local buffer mixes."""
     split_dir = storage.join(storage.normalize(shards_dir), split)
     if not storage.is_dir(split_dir):
         raise FileNotFoundError(f"{split_dir}: no shards for split {split!r}; run `cxrray prepare` first")
@@ -152,7 +165,8 @@ def shards_dataset(shards_dir: str | Path, split: str, space: LabelSpace, pre: P
     ds = _read_shards(split_dir, shuffle="files" if shuffle else None)
     rows = _rows_per_task(int(info["images"].get(split, 0)), batch_size)
     return ds.map_batches(decode_shard_rows, batch_size=rows, batch_format="numpy",
-                          fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns)})
+                          fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns),
+                                     "targets": _targets(space, targets)})
 
 
 # --- prepare: decode + resize once into ~1k-image Parquet shards ----------------------------------

@@ -6,6 +6,10 @@ pool, exactly-once parts) into `<out>/predictions`, so a 20k-image test split is
 fast as the cluster scores it, and a re-run after a crash scores only the images without a
 committed row. The rows are joined back to the manifest's labels by `image_id`; a row with an
 error (an unreadable file) counts as unreadable and stays out of the metrics.
+
+Labels are read under an evaluation policy (`label_policy`, cxrray.labels.EVAL_LABEL_POLICIES):
+by default only certain labels count, so a model trained under U-Ones is not scored against
+U-Ones' guesses; the report says per class how many images were left out and why.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from cxrray import storage
 from cxrray.artifact import ModelMeta, read_meta
 from cxrray.gallery import gradcam_gallery
 from cxrray.heads import eval_targets
-from cxrray.labels import sanitize
+from cxrray.labels import LabelSpace, TargetMap, UncertaintyConfig, sanitize
 from cxrray.manifest import read_manifest
 from cxrray.metrics import Metrics, compute_metrics
 from cxrray.report import plot_roc_curves, plot_training_curves
@@ -52,10 +56,11 @@ class EvalResult:
     outputs: dict[str, str]
     model_id: str
     scoring: dict = field(default_factory=dict)  # the scoring job's summary (cxrray.score.score)
+    labels: dict = field(default_factory=dict)  # the label policy, its targets and the exclusions per class
 
     def to_dict(self) -> dict:
         return {"mean_auroc": self.metrics.mean_auroc, "accuracy": self.metrics.accuracy, "n_images": self.n_images,
-                "n_errors": self.n_errors, "model_id": self.model_id, "outputs": self.outputs,
+                "n_errors": self.n_errors, "model_id": self.model_id, "outputs": self.outputs, "labels": self.labels,
                 "per_class": {c.name: {"auroc": c.auroc, "auroc_ci": c.auroc_ci, "n": c.n, "n_pos": c.n_pos,
                                        "note": c.note, "threshold": c.threshold, "sensitivity": c.sensitivity,
                                        "specificity": c.specificity, "f1": c.f1} for c in self.metrics.per_class},
@@ -67,11 +72,14 @@ def markdown_report(res: EvalResult, split: str, manifest: str, gallery: Sequenc
     m = res.metrics
     lines = [f"# Evaluation of model {res.model_id}", "",
              f"Manifest `{manifest}`, split `{split}`: {res.n_images} images ({res.n_errors} unreadable).", "",
+             f"Labels: {res.labels.get('targets', 'as given')} (`label_policy: {res.labels.get('policy', '-')}`; "
+             f"the model trained on {res.labels.get('training', 'its own policy')}).", "",
              f"**Mean AUROC: {m.mean_auroc:.4f}**" if m.mean_auroc is not None else "**Mean AUROC: n/a**"]
     if m.accuracy is not None:
         lines.append(f"\n**Accuracy: {m.accuracy:.4f}**")
-    lines += ["", "| class | n | positives | AUROC | 95% CI | threshold | sensitivity | specificity | F1 |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| class | n | positives | left out (uncertain / blank) | AUROC | 95% CI | threshold | sensitivity | "
+                  "specificity | F1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    excluded = res.labels.get("excluded", {})
 
     def f(v):
         return "" if v is None else f"{v:.3f}"
@@ -79,8 +87,9 @@ def markdown_report(res: EvalResult, split: str, manifest: str, gallery: Sequenc
     for c in m.per_class:
         ci = f"{c.auroc_ci[0]:.3f}-{c.auroc_ci[1]:.3f}" if c.auroc_ci else ""
         auroc = f(c.auroc) if c.auroc is not None else f"n/a ({c.note})"
-        lines.append(f"| {c.name} | {c.n} | {c.n_pos} | {auroc} | {ci} | {f(c.threshold)} | {f(c.sensitivity)} | "
-                     f"{f(c.specificity)} | {f(c.f1)} |")
+        out = excluded.get(c.name, {"uncertain": 0, "blank": 0})
+        lines.append(f"| {c.name} | {c.n} | {c.n_pos} | {out['uncertain']} / {out['blank']} | {auroc} | {ci} | "
+                     f"{f(c.threshold)} | {f(c.sensitivity)} | {f(c.specificity)} | {f(c.f1)} |")
     if m.confusion is not None:
         lines += ["", "Confusion matrix (rows: truth, columns: prediction):", "", "```"]
         lines += ["  ".join(f"{v:6d}" for v in row) for row in m.confusion] + ["```"]
@@ -100,8 +109,9 @@ def markdown_report(res: EvalResult, split: str, manifest: str, gallery: Sequenc
 # ------------------------------------------------------------------------------- scoring the split
 
 
-def split_rows(manifest: str | Path, split: str, meta: ModelMeta) -> pd.DataFrame:
-    """The manifest's rows of `split`, checked against the model's classes before any work."""
+def split_rows(manifest: str | Path, split: str, meta: ModelMeta) -> tuple[pd.DataFrame, LabelSpace]:
+    """The manifest's rows of `split` and its label space for the model's classes, checked
+    before any work."""
     df, manifest_space = read_manifest(manifest)
     missing = [n for n in meta.label_space.names if n not in manifest_space.names]
     if missing:
@@ -109,7 +119,24 @@ def split_rows(manifest: str | Path, split: str, meta: ModelMeta) -> pd.DataFram
     rows = df[df["split"] == split].reset_index(drop=True)
     if rows.empty:
         raise ValueError(f"{manifest}: split {split!r} is empty (splits: {df['split'].value_counts().to_dict()})")
-    return rows
+    return rows, manifest_space.select(meta.label_space.names)
+
+
+def training_policy(meta: ModelMeta) -> UncertaintyConfig:
+    """The uncertainty policy the model was trained under (U-Zeros, blank zero if unrecorded)."""
+    return UncertaintyConfig.from_dict((meta.config or {}).get("uncertainty"))
+
+
+def label_targets(cells: np.ndarray, data_space: LabelSpace, meta: ModelMeta, policy: str) -> tuple[np.ndarray, dict]:
+    """Metric targets of the manifest's label cells under the evaluation `policy`, and what
+    that left out per class (uncertain / blank), as recorded in metrics.json."""
+    import torch
+
+    tmap = TargetMap.evaluation(data_space, policy, training_policy(meta))
+    targets = eval_targets(torch.from_numpy(tmap(cells)), meta.label_space).numpy()
+    trained = (meta.summary or {}).get("labels", {}).get("train") or training_policy(meta).describe()
+    return targets, {"policy": policy, "targets": tmap.name, "training": trained,
+                     "excluded": tmap.excluded(cells, data_space.names)}
 
 
 def input_table(rows: pd.DataFrame) -> pa.Table:
@@ -154,7 +181,7 @@ def join_predictions(rows: pd.DataFrame, preds: pd.DataFrame, prob_columns: Sequ
 def evaluate(artifact: str | Path, manifest: str | Path, out_dir: str | Path, *, split: str = "test",
              bootstrap: int = 1000, batch_size: int = 64, gallery_k: int = 4, actors: int | None = None,
              predictions: str | Path | None = None, chunk_size: int = DEFAULT_CHUNK,
-             ray_address: str | None = None) -> EvalResult:
+             ray_address: str | None = None, label_policy: str = "certain") -> EvalResult:
     """Score `split` of `manifest` with `artifact` on Ray Data, then report into `out_dir`.
 
     gallery_k: true and false positives per class in the Grad-CAM gallery (0: no gallery).
@@ -164,6 +191,8 @@ def evaluate(artifact: str | Path, manifest: str | Path, out_dir: str | Path, *,
     e.g. a bulk-scoring output of the same split; it must hold this model's rows of no other images.
     ray_address: the cluster to join when Ray is not initialised (default: RAY_ADDRESS, else a
     local one for the duration of the scoring).
+    label_policy: which labels count (cxrray.labels.EVAL_LABEL_POLICIES): certain (uncertain
+    and blank masked), blank_negative (uncertain masked) or train (the model's training policy).
     """
     start = time.time()
     checks = [("--artifact", artifact), ("--manifest", manifest), ("--out", out_dir)]
@@ -171,7 +200,8 @@ def evaluate(artifact: str | Path, manifest: str | Path, out_dir: str | Path, *,
         storage.check_store(path, what=what)  # a missing bucket is one line, before any work
     meta = read_meta(artifact)
     space = meta.label_space
-    rows = split_rows(manifest, split, meta)
+    rows, data_space = split_rows(manifest, split, meta)
+    TargetMap.evaluation(data_space, label_policy)  # an unknown policy fails before the scoring
     out = storage.normalize(out_dir)
     own = predictions is None
     pred_dir = storage.join(out, PREDICTIONS) if own else storage.normalize(predictions)
@@ -185,19 +215,20 @@ def evaluate(artifact: str | Path, manifest: str | Path, out_dir: str | Path, *,
     preds = read_predictions(pred_dir, columns=["image_id", *space.prob_columns, "model_id", "error"])
     probs, ok = join_predictions(rows, preds, space.prob_columns)
     probs = probs[ok]
-    import torch
-
-    targets = eval_targets(torch.from_numpy(rows[list(space.columns)].to_numpy(np.float32)[ok]), space).numpy()
+    targets, labels = label_targets(rows[list(space.columns)].to_numpy(np.float32)[ok], data_space, meta,
+                                    label_policy)
     # float32, as the Predictor holds them: a probability equal to its threshold decides alike.
     thresholds = list(np.asarray(meta.thresholds, dtype=np.float32))
     metrics = compute_metrics(space, targets, probs, thresholds=thresholds, bootstrap=bootstrap)
-    res = EvalResult(metrics, int(len(rows)), int((~ok).sum()), {}, meta.model_id, scoring)
+    res = EvalResult(metrics, int(len(rows)), int((~ok).sum()), {}, meta.model_id, scoring, labels)
     paths = rows["path"].to_numpy()[ok].tolist()
     _publish(res, artifact, meta, targets, probs, paths, out, split=split, manifest=str(manifest),
              gallery_k=gallery_k, extra={"predictions": pred_dir, "inputs": inputs})
     auroc = f"{metrics.mean_auroc:.4f}" if metrics.mean_auroc is not None else "n/a"
-    log.info("evaluated %d images (%d unreadable, %d scored this run) in %.1fs: mean AUROC %s", len(rows),
-             res.n_errors, scoring["scored_this_run"], time.time() - start, auroc)
+    left_out = {k: v["uncertain"] + v["blank"] for k, v in labels["excluded"].items() if v["uncertain"] + v["blank"]}
+    log.info("evaluated %d images (%d unreadable, %d scored this run) in %.1fs: mean AUROC %s on %s%s", len(rows),
+             res.n_errors, scoring["scored_this_run"], time.time() - start, auroc, labels["targets"],
+             f" (left out per class: {', '.join(f'{k} {n}' for k, n in left_out.items())})" if left_out else "")
     return res
 
 

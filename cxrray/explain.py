@@ -77,6 +77,16 @@ def gradcam(
     """
     from captum.attr import LayerAttribution, LayerGradCam
 
+    members = getattr(model, "members", None)
+    if members is not None:
+        # An ensemble (cxrray.ensemble): each member's map at its own layer on the unaugmented
+        # image, averaged and normalised again; the layer path is the members' own.
+        parts = [gradcam(m, images, layer_path, class_indices) for m in members]
+        if len(parts) == 1:
+            return parts[0]
+        maps = _normalise(torch.from_numpy(np.mean([p[0] for p in parts], axis=0)))
+        low = _normalise(torch.from_numpy(np.mean([p[1] for p in parts], axis=0)))
+        return maps.numpy(), low.numpy()
     x = torch.as_tensor(np.asarray(images) if isinstance(images, np.ndarray) else images)
     if x.ndim != 4:
         raise ValueError(f"images must be [N, C, H, W], got shape {tuple(x.shape)}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cxrray import storage
 from cxrray.config import MODELS, ModelName
@@ -36,6 +36,9 @@ class EvaluateConfig:
     predictions: Optional[str] = Field(None, description="where the split's scores are written (default: in --out)")
     chunk_size: int = Field(DEFAULT_CHUNK, ge=1, description="images per scored part file (unit of resume)")
     ray_address: Optional[str] = Field(None, description="Ray cluster to join (default: RAY_ADDRESS or a local one)")
+    label_policy: Literal["certain", "blank_negative", "train"] = Field(
+        "certain", description="labels scored: certain (uncertain and blank masked) | blank_negative (uncertain "
+                               "masked, blank = negative) | train (the model's training policy)")
 
     def kwargs(self) -> dict[str, Any]:
         """cxrray.evaluate.evaluate's arguments."""
@@ -44,6 +47,25 @@ class EvaluateConfig:
         values = asdict(self)
         values["out_dir"] = values.pop("out")
         return values
+
+
+@schema
+class EnsembleConfig:
+    """`cxrray ensemble`: member artifacts (one architecture and classes) -> one ensemble artifact,
+    its thresholds chosen on the manifest's valid split (cxrray.ensemble.build_ensemble)."""
+
+    members: list[str] = Field(description="member artifacts, comma-separated (dirs or URIs)")
+    manifest: str = Field(description="manifest whose valid split picks the ensemble's thresholds")
+    out: str = Field(description="the ensemble artifact's folder (local or URI)")
+    tta: bool = Field(False, description="test-time augmentation: identity, +-5 deg rotations, 1.05 zoom")
+    val_labels: Literal["certain", "blank_negative", "train"] = Field(
+        "certain", description="labels the thresholds are chosen on: certain | blank_negative | train")
+    actors: Optional[int] = Field(None, ge=1, description="scoring actors for the valid split (default: fill the "
+                                                          "cluster)")
+    ray_address: Optional[str] = Field(None, description="Ray cluster to join (default: RAY_ADDRESS or a local one)")
+
+    _members = field_validator("members", mode="before")(
+        lambda v: [m.strip() for m in v.split(",") if m.strip()] if isinstance(v, str) else v)
 
 
 @schema

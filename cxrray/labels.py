@@ -3,9 +3,16 @@
 A label space is an ordered tuple of class names plus a task kind. It travels with every
 manifest, artifact and prediction file, so the column order can never silently change.
 
-Manifest label values are float32 per class; NaN means "no supervision" (masked in loss
-and metrics). Under U-MultiClass each label keeps three states, encoded 0 (negative),
-1 (positive), 2 (uncertain), and the model predicts a 3-way softmax per label.
+Manifest label values are float32 per class, in one of two encodings (`LabelSpace.values`):
+- "targets": numbers in [0, 1], NaN = no supervision (NIH, Kermany, CSV, DICOM sources);
+- "chexpert": what the report labeler wrote, 1 / 0 / -1 (uncertain) / NaN (blank: not
+  mentioned), kept raw. The uncertainty policy is a training choice, not a property of the
+  data, so it is applied where targets are built (`TargetMap`), never baked into a manifest.
+
+`TargetMap` turns raw values into loss targets (the training policy) or metric targets (an
+evaluation policy: certain labels only by default). Under U-MultiClass each label keeps three
+states, encoded 0 (negative), 1 (positive), 2 (uncertain), and the model predicts a 3-way
+softmax per label.
 """
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ import numpy as np
 
 MULTILABEL = "multilabel"
 MULTICLASS = "multiclass"
+TARGET_VALUES = "targets"  # label cells are targets in [0, 1]; NaN = no supervision
+CHEXPERT_VALUES = "chexpert"  # label cells are the labeler's raw 1 / 0 / -1 / blank
 
 CHEXPERT_14: tuple[str, ...] = (
     "No Finding",
@@ -72,13 +81,16 @@ SYNTHETIC_FINDINGS: tuple[str, ...] = (
 class LabelSpace:
     """Ordered class names and the task kind.
 
-    `uncertain_classes` is True only for CheXpert U-MultiClass, where each name is a
-    3-state label (negative / positive / uncertain) rather than a binary one.
+    `uncertain_classes` is True only for a model trained under CheXpert U-MultiClass, where
+    each name is a 3-state label (negative / positive / uncertain) rather than a binary one.
+    `values` says how a manifest's label cells are encoded (module docstring); a model's own
+    space is always "targets".
     """
 
     names: tuple[str, ...]
     task: str = MULTILABEL
     uncertain_classes: bool = False
+    values: str = TARGET_VALUES
 
     def __post_init__(self) -> None:
         if self.task not in (MULTILABEL, MULTICLASS):
@@ -88,6 +100,8 @@ class LabelSpace:
             raise ValueError(f"label names must be unique: {self.names}")
         if self.uncertain_classes and self.task != MULTILABEL:
             raise ValueError("uncertain_classes (U-MultiClass) only applies to multi-label tasks")
+        if self.values not in (TARGET_VALUES, CHEXPERT_VALUES):
+            raise ValueError(f"values must be {TARGET_VALUES!r} or {CHEXPERT_VALUES!r}, got {self.values!r}")
         object.__setattr__(self, "names", tuple(self.names))
 
     @property
@@ -108,18 +122,34 @@ class LabelSpace:
     def prob_columns(self) -> tuple[str, ...]:
         return tuple(prob_column(n) for n in self.names)
 
+    @property
+    def raw_uncertain(self) -> bool:
+        """The label cells are raw CheXpert values (-1 uncertain, NaN blank), not targets."""
+        return self.values == CHEXPERT_VALUES
+
     def to_dict(self) -> dict:
-        return {"names": list(self.names), "task": self.task, "uncertain_classes": self.uncertain_classes}
+        return {"names": list(self.names), "task": self.task, "uncertain_classes": self.uncertain_classes,
+                "values": self.values}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "LabelSpace":
-        return cls(tuple(d["names"]), d.get("task", MULTILABEL), bool(d.get("uncertain_classes", False)))
+        # Spaces written before `values` existed hold targets (a policy was applied at build time).
+        return cls(tuple(d["names"]), d.get("task", MULTILABEL), bool(d.get("uncertain_classes", False)),
+                   d.get("values", TARGET_VALUES))
 
     def select(self, names: Sequence[str]) -> "LabelSpace":
         missing = [n for n in names if n not in self.names]
         if missing:
             raise ValueError(f"unknown classes {missing}; this label space has {list(self.names)}")
-        return LabelSpace(tuple(names), self.task, self.uncertain_classes)
+        return LabelSpace(tuple(names), self.task, self.uncertain_classes, self.values)
+
+    def for_model(self, uncertainty: "UncertaintyConfig") -> "LabelSpace":
+        """The label space of a model trained on this manifest space under `uncertainty`: a
+        3-way head per label under U-MultiClass; its targets are always targets."""
+        if uncertainty.multiclass and not self.raw_uncertain:
+            raise ValueError("U-MultiClass needs uncertain labels (a chexpert or synthetic manifest); this "
+                             "manifest's labels have no uncertain state")
+        return LabelSpace(self.names, self.task, uncertainty.multiclass and self.raw_uncertain, TARGET_VALUES)
 
 
 def sanitize(name: str) -> str:
@@ -191,6 +221,15 @@ class UncertaintyConfig:
     def multiclass(self) -> bool:
         return self.default == Policy.MULTICLASS
 
+    def describe(self) -> str:
+        """'U-Zeros (Atelectasis: U-Ones), blank zero': how logs and reports name it."""
+        extra = f" ({', '.join(f'{k}: {v.value}' for k, v in self.overrides.items())})" if self.overrides else ""
+        return f"{self.default.value}{extra}, blank {self.blank.value}"
+
+    @classmethod
+    def from_dict(cls, d: "Mapping | None") -> "UncertaintyConfig":
+        return cls(**dict(d)) if d else cls()
+
     def to_dict(self) -> dict:
         return {
             "default": self.default.value,
@@ -204,39 +243,94 @@ class UnknownLabelValue(ValueError):
 
 
 ALLOWED_RAW = (1.0, 0.0, -1.0)
+_POLICY_VALUE = {Policy.IGNORE: np.nan, Policy.ZEROS: 0.0, Policy.ONES: 1.0, Policy.MULTICLASS: 2.0}
+
+# How an evaluation (and training's validation) reads raw labels:
+# - certain: only what the labeler stated, 1 and 0; uncertain (-1) and blank are masked. What
+#   CheXpert's own protocol measures (its valid.csv has neither).
+# - blank_negative: uncertain masked, blank (not mentioned) counted as negative; for held-out
+#   splits of train.csv, where most negatives are blank.
+# - train: the model's training policy (what the loss saw).
+EVAL_LABEL_POLICIES: tuple[str, ...] = ("certain", "blank_negative", "train")
+
+
+@dataclass(frozen=True)
+class TargetMap:
+    """What each label column's raw value becomes as a target: 1 and 0 (and soft targets) stay;
+    uncertain (-1) and blank (NaN) become, per column, NaN (masked), 0, 1 or 2 (U-MultiClass's
+    uncertain state). The one place an uncertainty policy is applied: training's loss targets,
+    validation and evaluation all call one of these. Picklable, so Ray Data decode tasks apply
+    it to each batch."""
+
+    uncertain: tuple[float, ...]
+    blank: tuple[float, ...]
+    raw: bool  # the cells are raw CheXpert values: anything outside {1, 0, -1, blank} is refused
+    name: str  # how reports and model.json name it
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim != 2 or values.shape[1] != len(self.blank):
+            raise ValueError(f"labels must be [N, {len(self.blank)}], got {values.shape}")
+        blank = np.isnan(values)
+        uncertain = values == -1.0
+        bad = ~(blank | np.isin(values, ALLOWED_RAW)) if self.raw else ~blank & ((values < 0) | (values > 1))
+        if bad.any():
+            allowed = "{1, 0, -1, blank}" if self.raw else "[0, 1] or blank"
+            raise UnknownLabelValue(f"label values outside {allowed}: {sorted(set(values[bad].tolist()))[:5]}")
+        out = np.where(uncertain, np.asarray(self.uncertain, np.float32), values)
+        return np.where(blank, np.asarray(self.blank, np.float32), out).astype(np.float32)
+
+    def excluded(self, values: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Per class, how many cells this map masks and why: {"uncertain": n, "blank": m}."""
+        values = np.asarray(values, dtype=np.float32)
+        out = {}
+        for k, name in enumerate(names):
+            col = values[:, k]
+            out[name] = {"uncertain": int((col == -1.0).sum()) if np.isnan(self.uncertain[k]) else 0,
+                         "blank": int(np.isnan(col).sum()) if np.isnan(self.blank[k]) else 0}
+        return out
+
+    @classmethod
+    def training(cls, space: LabelSpace, uncertainty: "UncertaintyConfig") -> "TargetMap":
+        """Loss targets under the training policy. Target-valued manifests pass through (blank
+        = no supervision); raw CheXpert values get the policy per label and blank handling."""
+        k = space.num_classes
+        if not space.raw_uncertain:
+            return cls((np.nan,) * k, (np.nan,) * k, False, "targets as given")
+        blank = 0.0 if uncertainty.blank == Blank.ZERO else np.nan
+        return cls(tuple(_POLICY_VALUE[uncertainty.policy_for(n)] for n in space.names), (blank,) * k, True,
+                   uncertainty.describe())
+
+    @classmethod
+    def evaluation(cls, space: LabelSpace, policy: str, uncertainty: "UncertaintyConfig | None" = None) -> "TargetMap":
+        """Metric targets under an evaluation policy (EVAL_LABEL_POLICIES); `train` needs the
+        model's training policy."""
+        if policy not in EVAL_LABEL_POLICIES:
+            raise ValueError(f"label policy must be one of {', '.join(EVAL_LABEL_POLICIES)}, got {policy!r}")
+        if policy == "train":
+            return cls.training(space, uncertainty or UncertaintyConfig())
+        k = space.num_classes
+        blank = 0.0 if policy == "blank_negative" and space.raw_uncertain else np.nan
+        name = "certain labels (uncertain and blank masked)" if policy == "certain" else \
+            "certain labels, blank as negative (uncertain masked)"
+        return cls((np.nan,) * k, (blank,) * k, space.raw_uncertain, name)
 
 
 def apply_policy(raw: np.ndarray, policy: Policy, blank: Blank = Blank.ZERO) -> np.ndarray:
-    """Map raw CheXpert values {1, 0, -1, NaN=blank} to training targets (float32).
-
-    Raises UnknownLabelValue on anything else, so a corrupted CSV can't train silently.
-    """
-    raw = np.asarray(raw, dtype=np.float64)
-    bad = ~(np.isnan(raw) | np.isin(raw, ALLOWED_RAW))
-    if bad.any():
-        raise UnknownLabelValue(f"label values outside {{1, 0, -1, blank}}: {sorted(set(raw[bad].tolist()))[:5]}")
-    out = raw.astype(np.float32)
-    uncertain = raw == -1.0
-    if policy == Policy.IGNORE:
-        out[uncertain] = np.nan
-    elif policy == Policy.ZEROS:
-        out[uncertain] = 0.0
-    elif policy == Policy.ONES:
-        out[uncertain] = 1.0
-    elif policy == Policy.MULTICLASS:
-        out[uncertain] = 2.0
-    blank_mask = np.isnan(raw)
-    out[blank_mask] = 0.0 if blank == Blank.ZERO else np.nan
-    return out
+    """One column of raw CheXpert values {1, 0, -1, NaN=blank} as training targets (float32):
+    TargetMap.training for a single label. Raises UnknownLabelValue on anything else."""
+    space = LabelSpace(("label",), values=CHEXPERT_VALUES)
+    cfg = UncertaintyConfig(policy, blank=blank)
+    return TargetMap.training(space, cfg)(np.asarray(raw, dtype=np.float32).reshape(-1, 1))[:, 0]
 
 
-def chexpert_space(names: Iterable[str] = CHEXPERT_14, config: UncertaintyConfig | None = None) -> LabelSpace:
+def chexpert_space(names: Iterable[str] = CHEXPERT_14) -> LabelSpace:
+    """A manifest space of CheXpert observations, holding the labeler's raw values."""
     names = tuple(names)
     unknown = [n for n in names if n not in CHEXPERT_14]
     if unknown:
         raise ValueError(f"not CheXpert observations: {unknown}")
-    multiclass = bool(config and config.multiclass)
-    return LabelSpace(names, MULTILABEL, uncertain_classes=multiclass)
+    return LabelSpace(names, MULTILABEL, values=CHEXPERT_VALUES)
 
 
 NAMED_SPACES: dict[str, tuple[str, ...]] = {

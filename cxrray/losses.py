@@ -12,9 +12,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from cxrray.heads import logits_to_probs
 from cxrray.labels import MULTICLASS, LabelSpace
 
-LOSSES = ("bce", "weighted_bce", "focal", "ce")
+LOSSES = ("bce", "weighted_bce", "focal", "ce", "aucm")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class ClassWeights:
 
     def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.tensor(self.pos, device=device), torch.tensor(self.neg, device=device)
+
+    @property
+    def prior(self) -> tuple[float, ...]:
+        """Each class's positive fraction in the training labels (w_neg = 2 * prior)."""
+        return tuple(n / 2 for n in self.neg)
 
 
 def masked_bce(
@@ -78,11 +84,52 @@ def uncertain_multiclass_ce(logits: torch.Tensor, targets: torch.Tensor, num_lab
     return F.cross_entropy(three[valid], t[valid].long())
 
 
+def aucm_loss(probs: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """AUC-margin loss (Yuan et al. 2021, "Large-scale Robust Deep AUC Maximization", LibAUC's
+    AUCMLoss), one-vs-rest per class, on scores in [0, 1]; NaN targets are masked.
+
+    The paper's objective is min over (w, a, b), max over alpha >= 0 of
+        (1-p) E[(h-a)^2 y] + p E[(h-b)^2 (1-y)] + 2 alpha (p(1-p) m + E[p h (1-y) - (1-p) h y]) - p(1-p) alpha^2
+    with p the class prior. For fixed scores h the inner problems have closed forms: a and b are
+    the positive and negative mean scores, alpha = max(0, g / (p(1-p))) with g the bracket. They
+    are taken on each batch and held constant (Danskin: the gradient of the optimal value is the
+    partial gradient at the optimum), so the loss trains with any optimiser instead of needing
+    PESG's descent-ascent. What it optimises: small score variance within positives and within
+    negatives, and a squared hinge pushing mean(positive) - mean(negative) towards the margin.
+    """
+    probs = probs.float()
+    mask = ~torch.isnan(targets)
+    y = torch.nan_to_num(targets.float(), nan=0.0)
+    pos, neg = y * mask, (1 - y) * mask
+    n = mask.sum(dim=0).clamp(min=1)
+    p = prior.to(probs.device).float().clamp(1e-3, 1 - 1e-3)
+    with torch.no_grad():
+        a = (probs * pos).sum(0) / pos.sum(0).clamp(min=1e-6)
+        b = (probs * neg).sum(0) / neg.sum(0).clamp(min=1e-6)
+    var_pos = ((probs - a) ** 2 * pos).sum(0) / n
+    var_neg = ((probs - b) ** 2 * neg).sum(0) / n
+    g = p * (1 - p) * margin + (p * probs * neg - (1 - p) * probs * pos).sum(0) / n
+    alpha = (g / (p * (1 - p))).clamp(min=0).detach()
+    per_class = (1 - p) * var_pos + p * var_neg + 2 * alpha * g - p * (1 - p) * alpha ** 2
+    supervised = mask.any(dim=0)
+    if not supervised.any():
+        return probs.sum() * 0.0
+    return per_class[supervised].mean()
+
+
 def make_loss(kind: str, space: LabelSpace, weights: ClassWeights | None = None, focal_gamma: float = 2.0):
     """Loss closure (logits, targets) -> scalar for the task; Inception's aux logits are handled
     by `engine.compute_loss`."""
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+    if kind == "aucm":
+        if space.uncertain_classes:
+            raise ValueError("loss 'aucm' scores binary or one-vs-rest labels; U-MultiClass's 3-way heads need ce")
+        if weights is None:
+            raise ValueError("aucm needs the class priors of the training labels")
+        prior = torch.tensor(weights.prior)
+        # One-vs-rest on the reported probabilities: sigmoid per label, softmax for multi-class.
+        return lambda logits, targets: aucm_loss(logits_to_probs(logits, space), targets, prior)
     if space.task == MULTICLASS or kind == "ce":
         if space.task != MULTICLASS:
             raise ValueError("loss 'ce' is for multi-class tasks; use bce/weighted_bce/focal for multi-label")

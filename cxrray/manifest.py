@@ -2,7 +2,9 @@
 
 Columns: image_id (unique, path relative to the dataset root), path (absolute or URI),
 patient_id, study_id (nullable), view (nullable), split (nullable until split), then one
-float32 column per class, NaN = no supervision. Pure: pandas/pyarrow only.
+float32 column per class: targets in [0, 1] with NaN = no supervision, or for CheXpert-style
+sources the raw 1 / 0 / -1 / blank (the label space's `values` says which; cxrray.labels).
+Pure: pandas/pyarrow only.
 """
 from __future__ import annotations
 
@@ -106,10 +108,27 @@ def read_manifest(path: str | Path) -> tuple[pd.DataFrame, LabelSpace]:
     meta = table.schema.metadata or {}
     if META_KEY not in meta:
         raise ManifestError(f"{path}: not a cxrray manifest (no label space in its metadata)")
-    space = LabelSpace.from_dict(json.loads(meta[META_KEY]))
+    space_dict = json.loads(meta[META_KEY])
+    _refuse_policy_baked(path, space_dict, json.loads(meta.get(EXTRA_META_KEY, b"{}")))
+    space = LabelSpace.from_dict(space_dict)
     df = table.to_pandas()
     validate(df, space)
     return df, space
+
+
+def _refuse_policy_baked(path: str, space: dict, info: dict) -> None:
+    """Manifests from before raw labels (cxrray < issue 11) hold CheXpert labels with an
+    uncertainty policy already applied: -1 is gone, so neither a new policy nor an evaluation
+    on certain labels can be honest. Refuse them with the command that rebuilds one."""
+    if "values" in space or "uncertainty" not in info:
+        return
+    source = info.get("source", "chexpert")
+    root = info.get("dataset_dir") or "<dataset root>"
+    policy = info["uncertainty"].get("default", "?") if isinstance(info["uncertainty"], dict) else info["uncertainty"]
+    raise ManifestError(
+        f"{path}: an older manifest whose labels have the uncertainty policy {policy} baked in; manifests now keep "
+        f"the raw 1/0/-1/blank labels and training applies the policy. Rebuild it: cxrray manifest --source {source} "
+        f"--root {root} --out {path} (and set `uncertainty: {policy}` in the training config)")
 
 
 def manifest_info(path: str | Path) -> dict:

@@ -67,6 +67,9 @@ def _problem(err: dict, cls: type | None) -> tuple[str, str | None, str]:
     key, kind, ctx = _key(err.get("loc", ())), err["type"], err.get("ctx") or {}
     shown = _shown(err.get("input"))
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        moved = getattr(cls, "moved_keys", {}).get(key)  # a key of older releases: say where it went
+        if moved:
+            return key, None, moved
         valid = sorted(_fields(cls)) if cls else []
         near = difflib.get_close_matches(key, valid, n=1)
         return key, None, ("unknown key" + (f" (did you mean {near[0]}?)" if near else "")

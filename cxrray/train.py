@@ -26,7 +26,7 @@ from cxrray.config import TrainConfig, build, save_config, to_dict
 from cxrray import console
 from cxrray.console import Progress, setup_worker_logging
 from cxrray.engine import Precision, cosine_lr, predict_batches, score_predictions, set_lr, train_one_epoch
-from cxrray.labels import LabelSpace, resolve_label_names
+from cxrray.labels import LabelSpace, TargetMap, resolve_label_names
 from cxrray.losses import ClassWeights, make_loss, upsample_rare
 from cxrray.manifest import read_manifest
 from cxrray.models import build_model, gradcam_layer_path
@@ -115,6 +115,10 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(cfg.model, space.num_outputs, pre, pretrained=cfg.pretrained,
                         freeze_backbone=cfg.freeze_backbone)
     state = _restore(model)
+    if not state and cfg.init_from:  # stage 2 of a two-stage recipe; a resumed run has its own weights
+        from cxrray.artifact import load_artifact
+
+        model.load_state_dict(load_artifact(cfg.init_from)[0].state_dict())
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -231,12 +235,37 @@ def _meta(cfg: TrainConfig, config: dict, space: LabelSpace, pre: Preprocess, th
     summary = {"epochs": len(history), "best_epoch": best_row["epoch"], "val_mean_auroc": best_row["val_mean_auroc"],
                "val_auroc": best_row["val_auroc"], "history": [{k: v for k, v in r.items() if k != "thresholds"}
                                                               for r in history],
-               "data_fingerprint": config["fingerprint"], "n_train": config["n_train"], "n_valid": config["n_valid"]}
+               "data_fingerprint": config["fingerprint"], "n_train": config["n_train"], "n_valid": config["n_valid"],
+               "labels": config.get("labels", {})}
     return ModelMeta(cfg.model, space, pre, [float(t) for t in thresholds], gradcam_layer_path(cfg.model),
                      summary=summary, config=to_dict(cfg))
 
 
 # --- the driver -----------------------------------------------------------------------------------
+
+
+def check_init_from(cfg: TrainConfig, space: LabelSpace) -> None:
+    """init_from must hold weights this run's model can take: the same architecture, classes and
+    head, and the same input channels. Checked on the driver, before any worker starts."""
+    meta = read_meta(cfg.init_from)
+    problems = []
+    if meta.architecture != cfg.model:
+        problems.append(f"model {meta.architecture}, not {cfg.model}")
+    if meta.label_space.names != space.names or meta.label_space.num_outputs != space.num_outputs:
+        problems.append(f"classes {list(meta.label_space.names)} ({meta.label_space.num_outputs} outputs), not "
+                        f"{list(space.names)} ({space.num_outputs})")
+    if meta.preprocess.channels != cfg.channels:
+        problems.append(f"{meta.preprocess.channels} input channels, not {cfg.channels}")
+    if problems:
+        raise ValueError(f"init_from {cfg.init_from}: its model cannot start this run: {'; '.join(problems)}")
+    log.info("starting from the weights of %s (model %s)", cfg.init_from, meta.model_id)
+
+
+def _log_label_policy(labels: dict) -> None:
+    excluded = {k: v for k, v in labels["validation_excluded"].items() if v["uncertain"] or v["blank"]}
+    detail = "; ".join(f"{k} {v['uncertain']} uncertain, {v['blank']} blank" for k, v in excluded.items())
+    log.info("labels: training on %s; validating on %s%s", labels["train"], labels["validation"],
+             f" (left out of validation: {detail})" if detail else "")
 
 
 def ensure_manifest(cfg: TrainConfig) -> str:
@@ -302,6 +331,37 @@ def use_gpu(cfg: TrainConfig) -> bool:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    """Train one model, or with seeds > 1 / tta one per seed and publish their ensemble as
+    `<run_dir>/artifacts/best` (cxrray.ensemble): an artifact every consumer loads like any other."""
+    if cfg.seeds == 1 and not cfg.tta:
+        return train_one(cfg)
+    from cxrray.ensemble import DEFAULT_TTA, build_ensemble
+
+    start = time.time()
+    storage.check_store(cfg.storage_path, what="storage_path")
+    manifest = ensure_manifest(cfg)  # once, with the run's own seed: every member trains on one split
+    members, histories = [], []
+    for k in range(cfg.seeds):
+        # Each member is a run of its own under <run_dir>/members/ (re-running resumes each),
+        # tracked in the run's MLflow store.
+        member = replace(cfg, seed=cfg.seed + k, seeds=1, tta=False, run_name=f"seed{cfg.seed + k}",
+                         storage_path=storage.join(cfg.run_dir, "members"), manifest=manifest,
+                         tracking_uri=tracking.tracking_uri_for(cfg),
+                         experiment=cfg.experiment)
+        log.info("ensemble member %d/%d: seed %d", k + 1, cfg.seeds, member.seed)
+        res = train_one(member)
+        members.append(res.best_artifact)
+        histories.append(res.history)
+    save_config(cfg, storage.join(cfg.run_dir, "config.yaml"))
+    best = storage.join(cfg.run_dir, "artifacts", "best")
+    build_ensemble(members, manifest, best, tta=DEFAULT_TTA if cfg.tta else (), val_labels=cfg.val_labels,
+                   ray_address=cfg.ray_address)
+    meta = read_meta(best)
+    return TrainResult(cfg.run_dir, best, best, meta.summary.get("val_mean_auroc"), sum(len(h) for h in histories),
+                       histories[0], time.time() - start)
+
+
+def train_one(cfg: TrainConfig) -> TrainResult:
     import ray
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -318,8 +378,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Ray Data's per-operator bars, relayed from every train worker, drown the per-epoch log
     # lines that are this job's progress report.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    df, space = read_manifest(ensure_manifest(cfg))
-    space = select_labels(df, space, cfg)
+    df, data_space = read_manifest(ensure_manifest(cfg))
+    data_space = select_labels(df, data_space, cfg)
+    uncertainty = cfg.uncertainty_policy()
+    space = data_space.for_model(uncertainty)  # the model's: a 3-way head per label under U-MultiClass
+    # The one place labels become targets: the training policy for the loss, the validation
+    # policy (certain labels by default) for validation AUROC and the thresholds.
+    train_targets = TargetMap.training(data_space, uncertainty)
+    valid_targets = TargetMap.evaluation(data_space, cfg.val_labels, uncertainty)
     train_df = df[df["split"] == "train"]
     valid_df = df[df["split"] == "valid"]
     if len(train_df) == 0 or len(valid_df) == 0:
@@ -328,16 +394,24 @@ def train(cfg: TrainConfig) -> TrainResult:
         train_df = upsample_rare(train_df, space, seed=cfg.seed)
     pre = preprocess_for(cfg)
     aug = augment_for(cfg)
+    if cfg.init_from:
+        check_init_from(cfg, space)
     if cfg.data_format == "shards":
         if not cfg.shards_dir:
             raise ValueError("data_format=shards needs shards_dir (written by `cxrray prepare`)")
-        train_ds = shards_dataset(cfg.shards_dir, "train", space, pre, aug, cfg.batch_size, shuffle=True)
-        valid_ds = shards_dataset(cfg.shards_dir, "valid", space, pre, None, 128)
+        train_ds = shards_dataset(cfg.shards_dir, "train", data_space, pre, aug, cfg.batch_size, shuffle=True,
+                                  targets=train_targets)
+        valid_ds = shards_dataset(cfg.shards_dir, "valid", data_space, pre, None, 128, targets=valid_targets)
     else:
         # shuffle: manifests come in folder/patient order (Kermany's is sorted by class).
-        train_ds = files_dataset(train_df, space, pre, aug, cfg.batch_size, shuffle=True, seed=cfg.seed)
-        valid_ds = files_dataset(valid_df, space, pre, None, 128)
-    weights = ClassWeights.from_labels(train_df[list(space.columns)].to_numpy(np.float32))
+        train_ds = files_dataset(train_df, data_space, pre, aug, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                 targets=train_targets)
+        valid_ds = files_dataset(valid_df, data_space, pre, None, 128, targets=valid_targets)
+    cells = list(data_space.columns)
+    weights = ClassWeights.from_labels(train_targets(train_df[cells].to_numpy(np.float32)))
+    labels = {"train": train_targets.name, "validation": valid_targets.name,
+              "validation_excluded": valid_targets.excluded(valid_df[cells].to_numpy(np.float32), data_space.names)}
+    _log_label_policy(labels)
     run_dir = cfg.run_dir
     storage.makedirs(run_dir)
     save_config(cfg, storage.join(run_dir, "config.yaml"))
@@ -350,6 +424,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "cfg": to_dict(cfg), "space": space.to_dict(), "preprocess": pre.to_dict(),
             "class_weights": {"pos": weights.pos, "neg": weights.neg}, "run_dir": run_dir,
             "fingerprint": data_fingerprint(df), "n_train": len(train_df), "n_valid": len(valid_df),
+            "labels": labels,  # the policies, recorded in model.json
             "tracking": track,  # MLflow: rank 0 logs each epoch to this run (None: tracking off)
             "verbose": console.verbose(),  # -v: Ray's own lines on the workers too
         },

@@ -22,7 +22,7 @@ import torch
 from cxrray.artifact import ModelMeta, save_artifact
 from cxrray.engine import Batch, cosine_lr, predict_batches, score_predictions, set_lr, train_one_epoch
 from cxrray.imaging import load_image
-from cxrray.labels import LabelSpace
+from cxrray.labels import LabelSpace, TargetMap, UncertaintyConfig
 from cxrray.losses import ClassWeights, make_loss
 from cxrray.models import build_model, gradcam_layer_path
 from cxrray.transforms import Preprocess, preprocess_image
@@ -30,11 +30,14 @@ from cxrray.transforms import Preprocess, preprocess_image
 log = logging.getLogger(__name__)
 
 
-def load_arrays(df: pd.DataFrame, space: LabelSpace, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode and resize every image of a (small) manifest into memory as uint8 [N,1,S,S]."""
+def load_arrays(df: pd.DataFrame, space: LabelSpace, size: int,
+                targets: TargetMap | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and resize every image of a (small) manifest into memory as uint8 [N,1,S,S],
+    with its labels through `targets` (default: U-Zeros, blank zero, as cxrray.data)."""
     pre = Preprocess(size=size, channels=1)
     images = np.stack([preprocess_image(load_image(p), pre) for p in df["path"]])
-    return images, df[list(space.columns)].to_numpy(np.float32)
+    targets = targets or TargetMap.training(space, UncertaintyConfig())
+    return images, targets(df[list(space.columns)].to_numpy(np.float32))
 
 
 def iterate(images: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[Batch]:
@@ -57,16 +60,22 @@ def quick_train(
     lr: float = 1e-3,
     seed: int = 0,
     loss: str = "bce",
+    uncertainty: str = "U-Zeros",
+    val_labels: str = "certain",
 ) -> Path:
-    """Train on the manifest's `train` split, pick thresholds on `valid`, save an artifact.
+    """Train on the manifest's `train` split under the `uncertainty` policy, pick thresholds on
+    `valid` under `val_labels` (as cxrray.train does), save an artifact.
     Single process and in memory: for small sets only."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pre = Preprocess(size=size, channels=1, mean=(0.5,), std=(0.25,))
     train_df = manifest[manifest["split"] == "train"]
     valid_df = manifest[manifest["split"] == "valid"]
-    xtr, ytr = load_arrays(train_df, space, size)
-    xva, yva = load_arrays(valid_df, space, size)
+    policy = UncertaintyConfig(uncertainty)
+    model_space = space.for_model(policy)
+    xtr, ytr = load_arrays(train_df, space, size, TargetMap.training(space, policy))
+    xva, yva = load_arrays(valid_df, space, size, TargetMap.evaluation(space, val_labels, policy))
+    space = model_space
     # channels_last: 20-40% faster convolutions on this CPU (small_cnn, 128 px, batch 16).
     net = build_model(model, space.num_outputs, pre).to(memory_format=torch.channels_last)
     loss_fn = make_loss(loss, space, ClassWeights.from_labels(ytr))
@@ -84,5 +93,6 @@ def quick_train(
         log.info("quick_train epoch %d/%d loss %.4f val_auroc %s", epoch + 1, epochs, stats["loss"], metrics.mean_auroc)
     meta = ModelMeta(model, space, pre, [float(t) for t in thresholds], gradcam_layer_path(model),
                      summary={"epochs": epochs, "history": history, "val_mean_auroc": metrics.mean_auroc,
-                              "val_auroc": metrics.auroc_by_class(), "trainer": "quick_train"})
+                              "val_auroc": metrics.auroc_by_class(), "trainer": "quick_train"},
+                     config={"uncertainty": policy.to_dict(), "val_labels": val_labels})
     return save_artifact(out_dir, net, meta)

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -24,8 +25,7 @@ def test_synth_then_manifest_with_split_and_leakage(tmp_path, capsys):
     synth = _last_json(capsys.readouterr().out)
     assert synth["n_patients"] == 30 and synth["n_images"] > 30
     rc = main(["manifest", "--source", "synthetic", "--root", str(tmp_path / "syn"), "--out",
-               str(tmp_path / "m.parquet"), "--split", "0.6,0.2,0.2", "--no-official-split",
-               "--uncertainty", "U-Ones", "--json"])
+               str(tmp_path / "m.parquet"), "--split", "0.6,0.2,0.2", "--no-official-split", "--json"])
     out = capsys.readouterr().out
     assert rc == 0 and "leakage check" in out and "splits:" in out
     summary = _last_json(out)
@@ -34,6 +34,14 @@ def test_synth_then_manifest_with_split_and_leakage(tmp_path, capsys):
     assert len(df) == summary["n_images"] and set(df["split"]) == {"train", "valid", "test"}
     assert df.groupby("patient_id")["split"].nunique().max() == 1
     assert main(["leakage", "--manifest", str(tmp_path / "m.parquet"), "--strict", "--json"]) == 0
+    # The raw labels: the synthetic train.csv holds uncertain (-1) and blank cells, kept as they are.
+    cells = df[list(space.names)].to_numpy()
+    assert space.raw_uncertain and (cells == -1).any() and np.isnan(cells).any()
+    # --uncertainty was a manifest flag: it now says where the policy went, and writes nothing.
+    rc = main(["manifest", "--source", "synthetic", "--root", str(tmp_path / "syn"), "--out",
+               str(tmp_path / "m2.parquet"), "--uncertainty", "U-Ones", "--json"])
+    assert rc == 2 and "training key" in _last_json(capsys.readouterr().out)["error"]
+    assert not (tmp_path / "m2.parquet").exists()
 
 
 def test_missing_column_is_a_clear_error_not_a_traceback(tmp_path, capsys):
@@ -152,7 +160,7 @@ def test_help_lists_every_key_with_default_and_meaning():
     assert "images per forward pass (default: 32)" in score
     manifest = " ".join(help_of("manifest").split())
     for flag in ("--no-check-files", "--no-leakage-check", "--no-hash", "--no-official-split", "--on-leakage",
-                 "--uncertainty-override", "--join-on"):
+                 "--join-on"):
         assert flag in manifest
     assert len(ManifestConfig.__pydantic_fields__) > 20
 

@@ -8,7 +8,16 @@ import pytest
 from pydantic import ValidationError
 
 from cxrray import job_configs
-from cxrray.config import LOADER_OPTIONS, LOSSES, MODELS, SOURCES, TrainConfig, load_config, save_config
+from cxrray.config import (
+    LOADER_OPTIONS,
+    LOSSES,
+    MODELS,
+    SOURCES,
+    ManifestConfig,
+    TrainConfig,
+    load_config,
+    save_config,
+)
 from cxrray.schema import ConfigError, build, keys_help
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -58,7 +67,7 @@ def test_yaml_1_1_exponent_becomes_a_float():
     ("lr=0", "lr: 0 is out of range (must be > 0)"),
     ("batch_size=0", "batch_size: 0 is out of range (must be >= 1)"),
     ("image_size=4", "image_size: 4 is out of range (must be >= 16)"),
-    ("loss=mse", "loss: 'mse' is not one of 'bce', 'weighted_bce', 'focal' or 'ce'"),
+    ("loss=mse", "loss: 'mse' is not one of 'bce', 'weighted_bce', 'focal', 'ce' or 'aucm'"),
     ("scheduler=step", "scheduler: 'step' is not one of 'cosine', 'plateau' or 'none'"),
     ("precision=fp8", "precision: 'fp8' is not one of"),
     ("model=resnet18", "model: 'resnet18' is not one of 'densenet121'"),
@@ -70,6 +79,7 @@ def test_yaml_1_1_exponent_becomes_a_float():
     ("epoch=3", "epoch: unknown key (did you mean epochs?); valid keys: "),
     ("source_options={classes: 3}", "source_options: classes: not an option of source 'synthetic'"),
     ("uncertainty={default: U-Maybe}", "uncertainty: unknown uncertainty policy 'U-Maybe'"),
+    ("val_labels=all", "val_labels: 'all' is not one of 'certain', 'blank_negative' or 'train'"),
 ])
 def test_bad_values_fail_in_one_line_naming_key_value_and_allowed(override, line):
     with pytest.raises(ConfigError) as e:
@@ -114,7 +124,15 @@ def test_train_source_options_become_the_manifest_config():
     assert m.loader_options() == {"classes": 3}
     demo = load_config(TrainConfig, DEMO).manifest_config().loader_options()
     assert demo["views"] == ["frontal"] and demo["official_split"] is False
-    assert demo["uncertainty"].default.value == "U-Ones"
+    # The uncertainty policy is the training run's, not the manifest's (issue 11).
+    assert "uncertainty" not in demo
+    assert load_config(TrainConfig, DEMO).uncertainty_policy().default.value == "U-Ones"
+    assert load_config(TrainConfig, CONFIGS_DIR / "kermany3.yaml").uncertainty_policy().describe() == \
+        "U-Zeros, blank zero"
+    with pytest.raises(ConfigError, match="uncertainty: manifests keep the raw 1/0/-1/blank labels"):
+        load_config(TrainConfig, DEMO, ["source_options={uncertainty: U-Ones}"])
+    with pytest.raises(ConfigError, match="uncertainty: manifests keep the raw"):
+        build(ManifestConfig, {"source": "chexpert", "root": "r", "out": "o", "uncertainty": "U-Ones"})
     with pytest.raises(ConfigError, match="source_options: classes: 5 is not one of 2, 3"):
         load_config(TrainConfig, CONFIGS_DIR / "kermany3.yaml", ["source_options={classes: 5}"])
 

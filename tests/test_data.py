@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from cxrray.data import files_dataset, prepare_shards, read_shard_info, shards_dataset
+from cxrray.labels import Policy, TargetMap, UncertaintyConfig
 from cxrray.manifest import read_manifest, write_manifest
 from cxrray.sources import load_source
 from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.ray
 def small_manifest(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     write_synthetic_chexpert(out / "syn", SynthConfig(n_patients=40, size=64, seed=3))
-    res = load_source("synthetic", out / "syn", views=["frontal"], official_split=False, uncertainty="U-Ones")
+    res = load_source("synthetic", out / "syn", views=["frontal"], official_split=False)
     df = assign_splits(res.manifest, res.label_space, (0.6, 0.2, 0.2), seed=0)
     path = write_manifest(df, res.label_space, out / "m.parquet")
     return read_manifest(path)
@@ -37,12 +38,19 @@ def test_files_dataset_yields_contract_batches(ray_session, small_manifest):
     df, space = small_manifest
     train = df[df["split"] == "train"]
     pre = Preprocess(size=48, channels=1)
-    images, labels = _collect(files_dataset(train, space, pre, None))
+    policy = UncertaintyConfig(Policy.ONES)
+    images, labels = _collect(files_dataset(train, space, pre, None, targets=TargetMap.training(space, policy)))
     assert images.shape == (len(train), 1, 48, 48) and images.dtype == np.uint8
     assert labels.shape == (len(train), space.num_classes) and labels.dtype == np.float32
-    # Labels arrive as the manifest had them (order may differ: compare as multisets of rows).
-    expected = train[list(space.columns)].to_numpy(np.float32)
-    assert sorted(map(tuple, np.nan_to_num(labels, nan=-9))) == sorted(map(tuple, np.nan_to_num(expected, nan=-9)))
+    # Labels arrive as the policy's targets of the manifest's raw cells (order may differ:
+    # compare as multisets of rows): U-Ones turns -1 into 1 and blank into 0.
+    cells = train[list(space.columns)].to_numpy(np.float32)
+    assert (cells == -1).any() and np.isnan(cells).any()  # the raw labels hold both
+    expected = np.where(cells == -1, 1.0, np.nan_to_num(cells, nan=0.0))
+    assert sorted(map(tuple, labels)) == sorted(map(tuple, expected))
+    # Without a map: the default training policy (U-Zeros, blank zero), so raw -1 never reaches a loss.
+    _, default = _collect(files_dataset(train, space, pre, None))
+    assert sorted(map(tuple, default)) == sorted(map(tuple, np.where(cells == -1, 0.0, np.nan_to_num(cells))))
     assert images.std() > 10  # real pictures, not zeros
 
 
@@ -73,8 +81,12 @@ def test_shards_round_trip_and_match_raw(ray_session, small_manifest, tmp_path):
     pre = Preprocess(size=48, channels=1)
     valid = df[df["split"] == "valid"]
     raw, _ = _collect(files_dataset(valid, space, pre, None))
-    shard, labels = _collect(shards_dataset(tmp_path / "shards", "valid", space, pre, None))
+    certain = TargetMap.evaluation(space, "certain")
+    shard, labels = _collect(shards_dataset(tmp_path / "shards", "valid", space, pre, None, targets=certain))
     assert shard.shape == raw.shape and labels.shape == (len(valid), space.num_classes)
+    # Shards keep the raw cells; the map applies when they are read, as for files.
+    want = certain(valid[list(space.columns)].to_numpy(np.float32))
+    assert sorted(map(tuple, np.nan_to_num(labels, nan=-9))) == sorted(map(tuple, np.nan_to_num(want, nan=-9)))
     assert np.array_equal(np.sort(shard.reshape(len(shard), -1).sum(1)), np.sort(raw.reshape(len(raw), -1).sum(1)))
     # A re-run keeps the existing shards (resumable prepare).
     again = prepare_shards(df, space, tmp_path / "shards", size=48, rows_per_shard=20, progress=False)

@@ -14,16 +14,25 @@ from cxrray.cli import main
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-# The smaller CI budget (fewer patients and epochs than the README's default demo) still has to
-# learn the synthetic findings clearly.
-AUROC_BAR = 0.85
+# The test split's mean AUROC on certain labels (uncertain and blank masked), the issue-11 bar
+# for the default demo, held here at the smaller CI budget too. Under the training policy's
+# U-Ones labels the same scores measure lower (about half of those "positives" have nothing in
+# the picture): that cap is what the certain-label evaluation removes.
+AUROC_BAR = 0.93
+
+
+# The default demo (500 patients, 96 px, 8 epochs) measured 0.961 on certain labels, 0.893 under
+# U-Ones' labels and 0.963 against truth.csv (2026-12-01). This smaller set (400 patients, 64 px)
+# at 8 epochs gave 0.939 / 0.860 / 0.923: too near the bar, so it trains 12 epochs.
+EPOCHS = 12
+# Against what was drawn, faint findings (an uncertain label drawn weakly) count as present:
+# the hardest positives there are, so this AUROC sits below the certain-label one.
+TRUTH_BAR = 0.90
 
 
 def test_demo_end_to_end(ray_session, tmp_path, capfd):
     out = tmp_path / "demo"
-    # 12 epochs: at 8 the test AUROC landed at 0.840-0.883 over six runs on 2026-12-01, around the
-    # bar, because U-Ones labels cap what is measurable (issue 11); the bar itself stays.
-    rc = main(["demo", "--out", str(out), "--n-patients", "400", "--size", "64", "--epochs", "12",
+    rc = main(["demo", "--out", str(out), "--n-patients", "400", "--size", "64", "--epochs", str(EPOCHS),
                "--port", str(free_port()), "--json"])
     assert rc == 0
     captured = capfd.readouterr()
@@ -38,7 +47,7 @@ def test_demo_end_to_end(ray_session, tmp_path, capfd):
     assert "test mean AUROC" in stdout and "bulk scoring" in stdout
     # 0: the resolved config beside the outputs
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["epochs"] == 12 and saved["n_patients"] == 400 and saved["size"] == 64
+    assert saved["epochs"] == EPOCHS and saved["n_patients"] == 400 and saved["size"] == 64
     # 1-2: data and a patient-disjoint split
     manifest = pd.read_parquet(out / "manifest.parquet")
     assert manifest.groupby("patient_id")["split"].nunique().max() == 1
@@ -47,6 +56,14 @@ def test_demo_end_to_end(ray_session, tmp_path, capfd):
     assert summary["mean_auroc"] >= AUROC_BAR, summary
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert metrics["mean_auroc"] == pytest.approx(summary["mean_auroc"])
+    assert metrics["labels"]["policy"] == "certain" and metrics["labels"]["training"].startswith("U-Ones")
+    left_out = metrics["labels"]["excluded"]
+    assert all(left_out[c]["uncertain"] + left_out[c]["blank"] > 0 for c in left_out)  # the masking happened
+    by_labels = summary["auroc_by_labels"]
+    assert by_labels["certain"] == summary["mean_auroc"]
+    assert by_labels["train"] < by_labels["certain"], by_labels  # U-Ones' guesses cap the measurable AUROC
+    assert by_labels["truth"] >= TRUTH_BAR, by_labels  # against what the generator drew (truth.csv)
+    assert "against what was drawn" in stdout
     roc = Image.open(out / "evaluation" / "roc_curves.png")
     assert roc.size[0] > 300 and np.asarray(roc.convert("L")).std() > 5
     # 5: one Parquet row per test image, no errors

@@ -45,16 +45,19 @@ def test_the_scoring_input_keeps_ids_and_makes_local_paths_absolute(tmp_path, mo
 # --------------------------------------------------------------------------- on the session cluster
 
 
-def manifest_of(paths: list[str], splits: list[str], out: Path, seed: int = 0) -> str:
-    """A cxrray manifest over `paths` with random 0/1 labels (a few blank)."""
-    from cxrray.labels import SYNTHETIC_FINDINGS, LabelSpace
+def manifest_of(paths: list[str], splits: list[str], out: Path, seed: int = 0, raw: bool = False) -> str:
+    """A cxrray manifest over `paths` with random 0/1 labels (a few blank); raw: CheXpert-style
+    cells, a quarter of them uncertain (-1)."""
+    from cxrray.labels import CHEXPERT_VALUES, SYNTHETIC_FINDINGS, TARGET_VALUES, LabelSpace
     from cxrray.manifest import write_manifest
 
-    space, rng = LabelSpace(SYNTHETIC_FINDINGS), np.random.default_rng(seed)
+    space = LabelSpace(SYNTHETIC_FINDINGS, values=CHEXPERT_VALUES if raw else TARGET_VALUES)
+    rng = np.random.default_rng(seed)
     df = pd.DataFrame({"image_id": [f"p{i:02d}/view1.png" for i in range(len(paths))], "path": paths,
                        "patient_id": [f"p{i:02d}" for i in range(len(paths))], "split": splits})
     for name in space.names:
-        df[name] = rng.choice([0.0, 1.0, np.nan], size=len(paths), p=[0.5, 0.4, 0.1])
+        values, p = ([0.0, 1.0, -1.0, np.nan], [0.35, 0.3, 0.25, 0.1]) if raw else ([0.0, 1.0, np.nan], [0.5, 0.4, 0.1])
+        df[name] = rng.choice(values, size=len(paths), p=p)
     return write_manifest(df, space, out)
 
 
@@ -165,3 +168,48 @@ def test_an_unreadable_image_is_counted_and_left_out_of_the_metrics(ray_session,
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["n_errors"] == 2 and saved["n_images"] == N_TEST
     assert f"{N_TEST} images (2 unreadable)" in (out / "report.md").read_text()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_u_ones_model_is_scored_on_certain_labels_and_says_what_it_left_out(ray_session, world, tmp_path,
+                                                                               capsys) -> None:
+    """Issue 11's done-when: `cxrray evaluate` on a U-Ones-trained model masks uncertain (and
+    blank) labels and says how many, per class; --label-policy train scores what the loss saw."""
+    from cxrray.cli import main
+    from cxrray.labels import SYNTHETIC_FINDINGS
+    from cxrray.manifest import read_manifest
+    from cxrray.metrics import auroc
+
+    art = make_artifact(tmp_path / "u_ones", config={"uncertainty": {"default": "U-Ones", "blank": "zero"}})
+    manifest = manifest_of(world["paths"], world["splits"], tmp_path / "raw.parquet", seed=1, raw=True)
+    df, _ = read_manifest(manifest)
+    test = df[df["split"] == "test"].reset_index(drop=True)
+    cells = test[list(SYNTHETIC_FINDINGS)].to_numpy(np.float32)
+    results = {}
+    for policy in ("certain", "train"):
+        out = tmp_path / policy
+        assert main(["evaluate", "--artifact", str(art), "--manifest", manifest, "--out", str(out), "--bootstrap",
+                     "0", "--gallery-k", "0", "--label-policy", policy, "--json"]) == 0
+        capsys.readouterr()
+        results[policy] = json.loads((out / "metrics.json").read_text())
+    probs = pd.read_parquet(tmp_path / "certain" / "predictions").set_index("image_id").loc[test["image_id"]]
+
+    certain = results["certain"]
+    assert certain["labels"]["policy"] == "certain" and "uncertain and blank masked" in certain["labels"]["targets"]
+    assert certain["labels"]["training"].startswith("U-Ones")
+    for k, name in enumerate(SYNTHETIC_FINDINGS):
+        col = cells[:, k]
+        n_unc, n_blank = int((col == -1).sum()), int(np.isnan(col).sum())
+        assert certain["labels"]["excluded"][name] == {"uncertain": n_unc, "blank": n_blank}, name
+        assert certain["per_class"][name]["n"] == len(col) - n_unc - n_blank
+        known = (col == 0) | (col == 1)
+        want, _ = auroc(col[known], probs[f"p_{name.lower().replace(' ', '_')}"].to_numpy()[known])
+        got = certain["per_class"][name]["auroc"]
+        assert (got is None) == (want is None) and (got is None or got == pytest.approx(want, abs=1e-6)), name
+        # Under the training policy (U-Ones, blank zero) nothing is left out and -1 counts as positive.
+        trained = results["train"]["per_class"][name]
+        assert trained["n"] == len(col) and trained["n_pos"] == int(((col == 1) | (col == -1)).sum()), name
+    assert results["train"]["labels"]["excluded"]["Cardiomegaly"] == {"uncertain": 0, "blank": 0}
+    report = (tmp_path / "certain" / "report.md").read_text()
+    assert "certain labels (uncertain and blank masked)" in report and "left out (uncertain / blank)" in report

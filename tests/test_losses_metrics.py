@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from cxrray.engine import cosine_lr
 from cxrray.heads import logits_to_probs
 from cxrray.labels import MULTICLASS, LabelSpace
-from cxrray.losses import ClassWeights, make_loss, masked_bce, upsample_rare
+from cxrray.losses import ClassWeights, aucm_loss, make_loss, masked_bce, upsample_rare
 from cxrray.metrics import best_f1_threshold, bootstrap_auroc_ci, compute_metrics, operating_point
 
 
@@ -64,6 +64,80 @@ def test_focal_loss_downweights_easy_examples():
     bce = masked_bce(logits, t)
     focal = masked_bce(logits, t, focal_gamma=2.0)
     assert focal < bce
+
+
+# ----------------------------------------------------------------------------- AUC-margin loss
+
+
+def _aucm_objective(h, y, p, a, b, alpha, m=1.0):
+    """Yuan et al.'s min-max objective for one class, written out from the paper (numpy)."""
+    return ((1 - p) * np.mean((h - a) ** 2 * y) + p * np.mean((h - b) ** 2 * (1 - y))
+            + 2 * alpha * (p * (1 - p) * m + np.mean(p * h * (1 - y) - (1 - p) * h * y)) - p * (1 - p) * alpha ** 2)
+
+
+def test_aucm_loss_is_the_papers_min_max_objective_at_its_optimum():
+    rng = np.random.default_rng(0)
+    h = rng.uniform(0, 1, 40)
+    y = (rng.uniform(0, 1, 40) < 0.3).astype(float)
+    p = 0.25
+    # The objective separates into a term in a, one in b and one in alpha: search each on a grid.
+    grid = np.linspace(-1, 2, 3001)
+    best_a = min(_aucm_objective(h, y, p, a, 0, 0) - _aucm_objective(h, y, p, 0, 0, 0) for a in grid)
+    best_b = min(_aucm_objective(h, y, p, 0, b, 0) - _aucm_objective(h, y, p, 0, 0, 0) for b in grid)
+    best_alpha = max(_aucm_objective(h, y, p, 0, 0, al) - _aucm_objective(h, y, p, 0, 0, 0)
+                     for al in np.linspace(0, 5, 5001))
+    want = _aucm_objective(h, y, p, 0, 0, 0) + best_a + best_b + best_alpha
+    got = float(aucm_loss(torch.tensor(h)[:, None], torch.tensor(y)[:, None], torch.tensor([p])))
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_aucm_loss_trains_a_scorer_to_rank_positives_above_negatives():
+    """From a random start on imbalanced (10% positive), noisy data, AUCM alone learns a linear
+    scorer whose AUROC is close to the Bayes ranking's; NaN targets are ignored."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    n, d = 2000, 8
+    y = (rng.uniform(size=n) < 0.1).astype(np.float32)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x[:, 0] += 1.5 * y  # the one informative feature
+    targets = torch.tensor(y)[:, None].clone()
+    targets[:100] = float("nan")  # unsupervised rows: masked, not negatives
+    xt = torch.tensor(x)
+    model = torch.nn.Linear(d, 1)
+    prior = torch.tensor([y[100:].mean()])
+    before = roc_auc_score(y, model(xt).detach().numpy()[:, 0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(300):
+        idx = torch.randint(0, n, (128,))
+        loss = aucm_loss(torch.sigmoid(model(xt[idx])), targets[idx], prior)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    scores = model(xt).detach().numpy()[:, 0]
+    after, bayes = roc_auc_score(y, scores), roc_auc_score(y, x[:, 0])
+    assert after > bayes - 0.02 and after > before + 0.2, (before, after, bayes)
+    assert scores[y == 1].mean() > scores[y == 0].mean()
+
+
+def test_aucm_in_make_loss_one_vs_rest_and_its_limits():
+    space = LabelSpace(("a", "b"))
+    w = ClassWeights.from_labels(np.array([[1, 0], [0, 0], [0, 1], [0, 0]], np.float32))
+    assert w.prior == pytest.approx((0.25, 0.25))
+    logits = torch.tensor([[3.0, -3.0], [-3.0, -3.0], [-3.0, 3.0], [-3.0, -3.0]], requires_grad=True)
+    targets = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    good = make_loss("aucm", space, w)(logits, targets)
+    bad = make_loss("aucm", space, w)(-logits, targets)
+    assert float(good.detach()) < float(bad.detach())  # ranking positives first costs less
+    good.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    multi = LabelSpace(("x", "y", "z"), MULTICLASS)
+    one_hot = torch.eye(3)[[0, 1, 2, 0]]
+    loss = make_loss("aucm", multi, ClassWeights.from_labels(one_hot.numpy()))(torch.randn(4, 3), one_hot)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="U-MultiClass"):
+        make_loss("aucm", LabelSpace(("a",), uncertain_classes=True), w)
+    with pytest.raises(ValueError, match="class priors"):
+        make_loss("aucm", space)
 
 
 def test_auroc_matches_sklearn_and_reports_single_value_classes():

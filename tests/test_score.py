@@ -60,7 +60,8 @@ def dicom_bytes(arr: np.ndarray) -> bytes:
     return make_dicom(arr.astype(np.uint16), BitsStored=12, HighBit=11)
 
 
-def make_artifact(path: Path, seed: int = 0) -> Path:
+def make_artifact(path: Path, seed: int = 0, config: dict | None = None) -> Path:
+    """An untrained small_cnn artifact; `config` is the training config model.json records."""
     import torch
 
     from cxrray.artifact import ModelMeta, save_artifact
@@ -71,7 +72,8 @@ def make_artifact(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     pre, space = Preprocess(size=64, channels=1), LabelSpace(SYNTHETIC_FINDINGS)
     net = build_model("small_cnn", space.num_outputs, pre)
-    meta = ModelMeta("small_cnn", space, pre, [0.5] * space.num_classes, gradcam_layer_path("small_cnn"))
+    meta = ModelMeta("small_cnn", space, pre, [0.5] * space.num_classes, gradcam_layer_path("small_cnn"),
+                     config=config or {})
     return save_artifact(path, net, meta)
 
 
@@ -355,15 +357,12 @@ def test_another_models_output_is_refused_unless_forced(ray_session, capsys, art
 def test_auroc_from_the_parquet_equals_evaluate(ray_session, capsys, tmp_path: Path) -> None:
     from quick_train import quick_train
     from cxrray.evaluate import evaluate
-    from cxrray.heads import eval_targets
     from cxrray.labels import SYNTHETIC_FINDINGS
     from cxrray.manifest import write_manifest
     from cxrray.metrics import compute_metrics
     from cxrray.sources import load_chexpert
     from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
     from cxrray.splits import assign_splits
-
-    import torch
 
     write_synthetic_chexpert(tmp_path / "syn", SynthConfig(n_patients=40, size=64, seed=3))
     res = load_chexpert(tmp_path / "syn", labels=list(SYNTHETIC_FINDINGS))
@@ -379,7 +378,10 @@ def test_auroc_from_the_parquet_equals_evaluate(ray_session, capsys, tmp_path: P
     assert rc == 0 and s["images"] == len(test) and s["errors"] == 0
     preds = pd.read_parquet(tmp_path / "preds").set_index("image_id").loc[test["image_id"]]
     probs = preds[[c for c in preds.columns if c.startswith("p_")]].to_numpy(np.float64)
-    targets = eval_targets(torch.from_numpy(test[list(space.columns)].to_numpy(np.float32)), space).numpy()
+    # evaluate scores certain labels by default: the raw -1 (uncertain) and blank cells masked.
+    cells = test[list(space.columns)].to_numpy(np.float32)
+    assert (cells == -1).any()
+    targets = np.where(cells == -1, np.nan, cells)
     ours = compute_metrics(space, targets, probs).auroc_by_class()
     ev = evaluate(art, manifest, tmp_path / "eval", split="test", bootstrap=0)
     theirs = ev.metrics.auroc_by_class()

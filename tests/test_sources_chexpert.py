@@ -1,4 +1,5 @@
-"""CheXpert adapter: layouts, every uncertainty policy on every value, filters, typed errors."""
+"""CheXpert adapter: layouts, raw labels in the manifest and every uncertainty policy on every
+value where targets are built, filters, typed errors."""
 from __future__ import annotations
 
 import gzip
@@ -11,7 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrray.labels import CHEXPERT_5, CHEXPERT_14, SYNTHETIC_FINDINGS, Blank, Policy, UncertaintyConfig
+from cxrray.labels import (
+    CHEXPERT_5,
+    CHEXPERT_14,
+    SYNTHETIC_FINDINGS,
+    Blank,
+    LabelSpace,
+    Policy,
+    TargetMap,
+    UncertaintyConfig,
+    UnknownLabelValue,
+)
 from cxrray.manifest import BASE_COLUMNS, ManifestError, read_manifest, write_manifest
 from cxrray.sources import SOURCES, load_source
 from cxrray.sources.chexpert import load_chexpert
@@ -59,7 +70,7 @@ def small_rows(prefix: str = "CheXpert-v1.0-small") -> dict[str, list[dict]]:
     }
 
 
-# ----------------------------------------------------------------------------- policies
+# ----------------------------------------------------------------------------- raw labels, policies
 
 VALUES = ["1.0", "0.0", "-1.0", ""]
 EXPECTED = {  # policy -> targets for 1, 0, -1 (blank handled separately)
@@ -70,36 +81,87 @@ EXPECTED = {  # policy -> targets for 1, 0, -1 (blank handled separately)
 }
 
 
-@pytest.mark.parametrize("blank", [Blank.ZERO, Blank.IGNORE])
-@pytest.mark.parametrize("policy", list(Policy))
-def test_every_policy_on_every_value(tmp_path, policy, blank):
+def same(got, want) -> bool:
+    return len(got) == len(want) and all((math.isnan(g) and math.isnan(w)) or g == w for g, w in zip(got, want))
+
+
+@pytest.fixture
+def edema_values(tmp_path):
+    """A manifest from four rows whose Edema cell is 1, 0, -1 and blank."""
     rows = [row(f"CheXpert-v1.0-small/train/patient0000{i}/study1/view1_frontal.jpg", Edema=v)
             for i, v in enumerate(VALUES, start=1)]
     write_dataset(tmp_path, {"train": rows})
-    res = load_chexpert(tmp_path, uncertainty=UncertaintyConfig(policy, blank=blank))
-    got = res.manifest["Edema"].tolist()
-    want = EXPECTED[policy] + [0.0 if blank == Blank.ZERO else NAN]
-    assert len(got) == 4
-    for g, w in zip(got, want):
-        assert (math.isnan(g) and math.isnan(w)) or g == w, (policy, blank, got, want)
-    assert res.manifest["Edema"].dtype == np.float32
-    assert res.label_space.uncertain_classes == (policy == Policy.MULTICLASS)
-    assert res.label_space.num_outputs == 14 * (3 if policy == Policy.MULTICLASS else 1)
+    return load_chexpert(tmp_path)
+
+
+def test_the_manifest_keeps_the_labelers_raw_values(edema_values):
+    # No policy is baked in: one manifest serves every training policy and an honest evaluation.
+    assert same(edema_values.manifest["Edema"].tolist(), [1.0, 0.0, -1.0, NAN])
+    assert edema_values.manifest["Edema"].dtype == np.float32
+    space = edema_values.label_space
+    assert space.raw_uncertain and not space.uncertain_classes and space.num_outputs == 14
+    assert "1 with an uncertain label" in edema_values.info["summary"]
+
+
+@pytest.mark.parametrize("blank", [Blank.ZERO, Blank.IGNORE])
+@pytest.mark.parametrize("policy", list(Policy))
+def test_every_policy_on_every_value(edema_values, policy, blank):
+    space = edema_values.label_space.select(["Edema"])
+    cfg = UncertaintyConfig(policy, blank=blank)
+    got = TargetMap.training(space, cfg)(edema_values.manifest[["Edema"]].to_numpy())[:, 0].tolist()
+    assert same(got, EXPECTED[policy] + [0.0 if blank == Blank.ZERO else NAN]), (policy, blank, got)
+    model = space.for_model(cfg)
+    assert model.uncertain_classes == (policy == Policy.MULTICLASS) and not model.raw_uncertain
+    assert model.num_outputs == (3 if policy == Policy.MULTICLASS else 1)
+
+
+@pytest.mark.parametrize("policy, want", [("certain", [1.0, 0.0, NAN, NAN]), ("blank_negative", [1.0, 0.0, NAN, 0.0]),
+                                          ("train", [1.0, 0.0, 1.0, 0.0])])
+def test_evaluation_policies_and_what_they_leave_out(edema_values, policy, want):
+    space = edema_values.label_space.select(["Edema"])
+    tmap = TargetMap.evaluation(space, policy, UncertaintyConfig(Policy.ONES))
+    cells = edema_values.manifest[["Edema"]].to_numpy()
+    assert same(tmap(cells)[:, 0].tolist(), want)
+    left_out = {"certain": {"uncertain": 1, "blank": 1}, "blank_negative": {"uncertain": 1, "blank": 0},
+                "train": {"uncertain": 0, "blank": 0}}[policy]
+    assert tmap.excluded(cells, ["Edema"]) == {"Edema": left_out}
 
 
 def test_per_label_overrides(tmp_path):
     write_dataset(tmp_path, {"train": [row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg",
                                            Atelectasis="-1.0", Edema="-1.0", Cardiomegaly="-1.0", Pneumonia="-1.0")]})
+    res = load_chexpert(tmp_path)
     cfg = UncertaintyConfig(Policy.ZEROS, {"Atelectasis": Policy.ONES, "Edema": Policy.ONES})
-    m = load_chexpert(tmp_path, uncertainty=cfg).manifest.iloc[0]
-    assert (m["Atelectasis"], m["Edema"], m["Cardiomegaly"], m["Pneumonia"]) == (1.0, 1.0, 0.0, 0.0)
+    targets = TargetMap.training(res.label_space, cfg)(res.manifest[list(CHEXPERT_14)].to_numpy())[0]
+    got = {n: targets[CHEXPERT_14.index(n)] for n in ("Atelectasis", "Edema", "Cardiomegaly", "Pneumonia")}
+    assert got == {"Atelectasis": 1.0, "Edema": 1.0, "Cardiomegaly": 0.0, "Pneumonia": 0.0}
+    assert "Atelectasis: U-Ones" in TargetMap.training(res.label_space, cfg).name
 
 
-def test_policy_by_name(tmp_path):
-    write_dataset(tmp_path, {"train": [row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg",
-                                           Edema="-1.0")]})
-    assert load_chexpert(tmp_path, uncertainty="U-Ones").manifest["Edema"].iat[0] == 1.0
-    assert np.isnan(load_chexpert(tmp_path, uncertainty="ignore").manifest["Edema"].iat[0])
+def test_a_value_outside_the_raw_set_is_refused_where_targets_are_built(edema_values):
+    space = edema_values.label_space.select(["Edema"])
+    with pytest.raises(UnknownLabelValue, match="outside"):
+        TargetMap.training(space, UncertaintyConfig())(np.array([[0.5]], np.float32))
+    with pytest.raises(ValueError, match="U-MultiClass needs uncertain labels"):
+        LabelSpace(("mass",)).for_model(UncertaintyConfig(Policy.MULTICLASS))
+
+
+def test_a_manifest_with_a_baked_in_policy_is_refused_with_the_rebuild_command(tmp_path, edema_values):
+    # What cxrray wrote before raw labels: targets under U-Ones, the policy in the info.
+    old_space = LabelSpace(CHEXPERT_14)
+    path = tmp_path / "old.parquet"
+    write_manifest(edema_values.manifest.assign(Edema=[1.0, 0.0, 1.0, 0.0]), old_space, path,
+                   {"dataset_dir": "/data/CheXpert-v1.0-small", "uncertainty": {"default": "U-Ones"}})
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = dict(table.schema.metadata)
+    meta[b"cxrray.label_space"] = b'{"names": %s, "task": "multilabel", "uncertain_classes": false}' % (
+        str(list(CHEXPERT_14)).replace("'", '"').encode())
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    with pytest.raises(ManifestError, match=r"U-Ones baked in.*cxrray manifest --source chexpert --root "
+                                            r"/data/CheXpert-v1.0-small"):
+        read_manifest(path)
 
 
 def test_chexpert5_selection(tmp_path):
@@ -258,7 +320,7 @@ def test_registry(tmp_path):
 
 def test_manifest_round_trip(tmp_path):
     write_dataset(tmp_path, small_rows())
-    res = load_chexpert(tmp_path, uncertainty="U-Ignore")
+    res = load_chexpert(tmp_path)
     out = write_manifest(res.manifest, res.label_space, tmp_path / "m.parquet", res.info)
     df, space = read_manifest(out)
     assert space == res.label_space

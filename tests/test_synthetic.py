@@ -15,7 +15,9 @@ from cxrray.sources.synthetic import (
     CSV_HEADER,
     ROOT_NAME,
     SynthConfig,
+    read_truth,
     render_study,
+    render_study_truth,
     write_synthetic_chexpert,
 )
 
@@ -157,6 +159,35 @@ def test_uncertain_is_drawn_faintly_or_not_at_all_and_never_boxed():
         assert boxes == []
         drawn.append(not np.array_equal(unsure, healthy))
     assert any(drawn) and not all(drawn)
+
+
+def test_truth_csv_says_what_each_picture_holds(dataset):
+    """truth.csv: per image and finding, present (label 1), absent (0 or blank), and for an
+    uncertain label faint or absent, about half each; the picture agrees with it."""
+    out, summary = dataset
+    truth = read_truth(summary.truth_csv)
+    rows = read_rows(summary.train_csv) + read_rows(summary.valid_csv)
+    assert sorted(truth.index) == sorted(r["Path"] for r in rows)
+    uncertain = []
+    for r in rows:
+        for name in SYNTHETIC_FINDINGS:
+            state = truth.at[r["Path"], name]
+            if r[name] == "1.0":
+                assert state == "present", (r["Path"], name)
+            elif r[name] == "-1.0":
+                assert state in ("faint", "absent")
+                uncertain.append(state == "faint")
+            else:
+                assert state == "absent", (r["Path"], name, r[name])
+    assert len(uncertain) > 50 and 0.3 < np.mean(uncertain) < 0.7, (len(uncertain), np.mean(uncertain))
+    for seed in range(8):  # "faint" is drawn, "absent" is not: the truth is the picture's
+        healthy, _ = render_study(np.random.default_rng(seed), {}, 64)
+        unsure, _, drawn = render_study_truth(np.random.default_rng(seed), {"Pleural Effusion": -1.0}, 64)
+        assert (drawn["Pleural Effusion"] == "faint") == (not np.array_equal(unsure, healthy)), seed
+    bad = out / "bad_truth.csv"
+    bad.write_text("Path,Cardiomegaly\na.jpg,maybe\n")
+    with pytest.raises(ValueError, match="not a synthetic truth.csv"):
+        read_truth(bad)
 
 
 def test_lateral_view_and_bad_arguments():

@@ -25,8 +25,11 @@ from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "jobs" / "configs" / "synthetic_demo.yaml"
 
-# The bar for a short CPU training on the synthetic set (small_cnn, 48 px, 8 epochs).
-QUALITY_BAR = 0.90
+# The bar for a short CPU training on the synthetic set (small_cnn, 48 px, 8 epochs), on
+# validation's certain labels (uncertain and blank masked). Measured 0.985 (2026-12-01, seeded
+# data and training); under the U-Ones labels it used to be scored on, the same setting gave
+# 0.892-0.937, which is why the old bar was 0.90. A trivial model scores 0.5.
+QUALITY_BAR = 0.95
 
 
 def demo_config(tmp: Path, *overrides: str) -> TrainConfig:

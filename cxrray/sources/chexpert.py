@@ -21,15 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrray import storage
-from cxrray.labels import (
-    ALLOWED_RAW,
-    CHEXPERT_14,
-    Policy,
-    UncertaintyConfig,
-    apply_policy,
-    chexpert_space,
-    resolve_label_names,
-)
+from cxrray.labels import ALLOWED_RAW, CHEXPERT_14, chexpert_space, resolve_label_names
 from cxrray.manifest import ManifestError, Skipped, SourceResult
 from cxrray.sources.generic import (
     describe_bad_cells,
@@ -134,18 +126,6 @@ def _csv_split(path: str | Path) -> str | None:
     return _SPLIT_OF_CSV.get(stem)
 
 
-def _as_config(uncertainty) -> UncertaintyConfig:
-    if uncertainty is None:
-        return UncertaintyConfig()
-    if isinstance(uncertainty, UncertaintyConfig):
-        return uncertainty
-    if isinstance(uncertainty, (str, Policy)):
-        return UncertaintyConfig(default=uncertainty)
-    if isinstance(uncertainty, dict):
-        return UncertaintyConfig(**uncertainty)
-    raise TypeError(f"uncertainty must be an UncertaintyConfig, a policy name or a dict, got {uncertainty!r}")
-
-
 def _as_set(value, allowed: set[str] | None, what: str, case) -> set[str] | None:
     if value is None:
         return None
@@ -205,7 +185,6 @@ def load_chexpert(
     *,
     csvs: Sequence[str | Path] | None = None,
     labels: str | Sequence[str] | None = CHEXPERT_14,
-    uncertainty: UncertaintyConfig | str | dict | None = None,
     views: str | Sequence[str] | None = None,
     ap_pa: str | Sequence[str] | None = None,
     check_files: bool = True,
@@ -213,15 +192,14 @@ def load_chexpert(
 ) -> SourceResult:
     """CheXpert CSV(s) -> manifest.
 
-    labels: names or a named selection ("chexpert5"). uncertainty: the policy for -1 with
-    per-label overrides and blank handling (default U-Zeros, blank = 0). views: keep
+    labels: names or a named selection ("chexpert5"); their cells keep the labeler's raw
+    1 / 0 / -1 / blank (the uncertainty policy is the training config's). views: keep
     "frontal" and/or "lateral" rows. ap_pa: keep rows whose AP/PA value is listed (laterals
     have none, so ap_pa=("AP", "PA") also drops them). Unknown label values skip the row
     (`unknown_label_value`); official_split puts train.csv rows in "train", valid.csv in "valid".
     """
-    config = _as_config(uncertainty)
     names = resolve_label_names(labels, CHEXPERT_14)
-    space = chexpert_space(names, config)
+    space = chexpert_space(names)
     view_set = _as_set(views, {"frontal", "lateral"}, "views", str.lower)
     appa_set = _as_set(ap_pa, None, "ap_pa", str.upper)
     dataset_dir, files = find_csvs(root, csvs)
@@ -235,7 +213,7 @@ def load_chexpert(
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     skipped = Skipped()
     info: dict = {"dataset_dir": storage.normalize(dataset_dir), "csvs": [str(f) for f in files],
-                  "uncertainty": config.to_dict(), "n_csv_rows": len(df)}
+                  "n_csv_rows": len(df)}
 
     rel = df["Path"].str.strip()
     if rel.str.contains("\\", regex=False).any():
@@ -278,9 +256,7 @@ def load_chexpert(
         source_split = source_split.fillna(from_path)
     out["split"] = source_split if official_split else None
     for j, name in enumerate(names):
-        col = np.full(len(df), np.nan, dtype=np.float32)
-        col[keep] = apply_policy(raw[keep, j], config.policy_for(name), config.blank)
-        out[name] = col
+        out[name] = raw[:, j].astype(np.float32)  # raw: 1 / 0 / -1 / NaN (blank); rows not kept are dropped
     if "Sex" in df.columns:
         out["sex"] = df["Sex"].str.strip()
     if "Age" in df.columns:
@@ -292,7 +268,6 @@ def load_chexpert(
         keep = drop_missing_files(keep, out["path"], rel, skipped, dataset_dir)
     out = out.loc[keep]
     n_frontal = int((out["frontal_lateral"] == "Frontal").sum())
-    extra = f"{n_frontal:,} frontal / {len(out) - n_frontal:,} lateral; uncertainty {config.default.value}"
-    if config.overrides:
-        extra += " with " + ", ".join(f"{k}: {v.value}" for k, v in config.overrides.items())
+    n_uncertain = int((out[list(names)].to_numpy() == -1.0).any(axis=1).sum())
+    extra = f"{n_frontal:,} frontal / {len(out) - n_frontal:,} lateral; {n_uncertain:,} with an uncertain label"
     return finish("chexpert", out, space, skipped, info, extra)

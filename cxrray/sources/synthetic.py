@@ -6,13 +6,15 @@ Every code path that reads CheXpert reads it unchanged:
     OUT/CheXpert-v1.0-small/train.csv, valid.csv      (the real header and value style)
     OUT/CheXpert-v1.0-small/{train,valid}/patientNNNNN/studyK/view1_frontal.jpg (+ view2_lateral.jpg)
     OUT/CheXpert-v1.0-small/boxes.csv                  (Path,Finding,x,y,w,h; frontal positives)
+    OUT/CheXpert-v1.0-small/truth.csv                  (Path + per finding: present / faint / absent)
 
 This module is the writer. What it writes comes from three others: the label model
 (`synthetic_labels`: patients, studies, labels), the phantom (`synthetic_phantom`: a normal
 chest, posed, in a patient coordinate frame) with its findings (`synthetic_findings`: each
 changes the picture in one known place; its box is the bounding box of that change), and the
 renderer (`synthetic_render`: findings at their labelled strength, exposure, noise). Uncertain
-labels (-1) are drawn faintly or not at all, so they are genuinely ambiguous. Same seed, same bytes.
+labels (-1) are drawn faintly or not at all, so they are genuinely ambiguous; truth.csv says
+which, so a model can be scored against what is in the picture. Same seed, same bytes.
 """
 from __future__ import annotations
 
@@ -27,14 +29,14 @@ from PIL import Image
 
 from cxrray.labels import CHEXPERT_14, SYNTHETIC_FINDINGS
 from cxrray.sources.synthetic_labels import RATES, Study, plan_studies
-from cxrray.sources.synthetic_render import FRONTAL, LATERAL, Box, render_study, render_study_unit
+from cxrray.sources.synthetic_render import FRONTAL, LATERAL, Box, render_study, render_study_truth, render_study_unit
 
 # The generator's public surface, imported from here by the CLI, the DICOM writer and tests;
 # the label model and the renderer live in their own modules.
 __all__ = [
-    "BOX_HEADER", "CSV_HEADER", "FRONTAL", "LATERAL", "RATES", "ROOT_NAME", "Box", "Study", "SynthConfig",
-    "SynthSummary", "image_rng", "plan_studies", "render_study", "render_study_unit", "study_images",
-    "write_synthetic_chexpert",
+    "BOX_HEADER", "CSV_HEADER", "FRONTAL", "LATERAL", "RATES", "ROOT_NAME", "TRUTH_HEADER", "TRUTH_STATES", "Box",
+    "Study", "SynthConfig", "SynthSummary", "image_rng", "plan_studies", "read_truth", "render_study",
+    "render_study_truth", "render_study_unit", "study_images", "write_synthetic_chexpert",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 ROOT_NAME = "CheXpert-v1.0-small"
 CSV_HEADER: tuple[str, ...] = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_14)
 BOX_HEADER: tuple[str, ...] = ("Path", "Finding", "x", "y", "w", "h")
+TRUTH_HEADER: tuple[str, ...] = ("Path", *SYNTHETIC_FINDINGS)
+TRUTH_STATES: tuple[str, ...] = ("present", "faint", "absent")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class SynthSummary:
     train_csv: Path
     valid_csv: Path
     boxes_csv: Path
+    truth_csv: Path
     prevalence: dict[str, float]
     seconds: float
 
@@ -121,23 +126,27 @@ def write_synthetic_chexpert(
     studies = plan_studies(config)
     rows: dict[str, list[list[str]]] = {"train": [], "valid": []}
     boxes: list[list[str]] = []
+    truth: list[list[str]] = []
     bar = _progress(len(studies), progress)
     for st in studies:
         for view_no, view, rel in study_images(st):
-            img, bxs = render_study(image_rng(config, st, view_no), st.render_findings(), config.size, view)
+            img, bxs, drawn = render_study_truth(image_rng(config, st, view_no), st.render_findings(), config.size,
+                                                 view)
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(out / rel, quality=config.jpeg_quality)
             rows[st.split].append(_csv_row(rel, st, view))
+            truth.append([rel, *(drawn[n] for n in SYNTHETIC_FINDINGS)])
             if view == FRONTAL:
                 boxes += [[rel, name, str(x), str(y), str(w), str(h)] for name, x, y, w, h in bxs]
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    paths = {name: root / f"{name}.csv" for name in ("train", "valid", "boxes")}
+    paths = {name: root / f"{name}.csv" for name in ("train", "valid", "boxes", "truth")}
     _write_csv(paths["train"], CSV_HEADER, rows["train"])
     _write_csv(paths["valid"], CSV_HEADER, rows["valid"])
     _write_csv(paths["boxes"], BOX_HEADER, boxes)
+    _write_csv(paths["truth"], TRUTH_HEADER, truth)
     all_rows = rows["train"] + rows["valid"]
     cols = {n: CSV_HEADER.index(n) for n in SYNTHETIC_FINDINGS}
     prevalence = {n: sum(r[c] == "1.0" for r in all_rows) / max(1, len(all_rows)) for n, c in cols.items()}
@@ -145,7 +154,23 @@ def write_synthetic_chexpert(
     log.info("synthetic CheXpert: %d images of %d patients in %.1fs -> %s",
              len(all_rows), config.n_patients, seconds, root)
     return SynthSummary(root, len(all_rows), config.n_patients, paths["train"], paths["valid"], paths["boxes"],
-                        prevalence, seconds)
+                        paths["truth"], prevalence, seconds)
+
+
+def read_truth(truth_csv: str | Path) -> "pd.DataFrame":
+    """truth.csv as a frame indexed by Path (the manifest's image_id), one column per finding
+    holding present / faint / absent."""
+    import io
+
+    import pandas as pd
+
+    from cxrray import storage
+
+    frame = pd.read_csv(io.BytesIO(storage.read_bytes(str(truth_csv))), dtype=str).set_index("Path")
+    bad = sorted(set(frame.to_numpy().ravel()) - set(TRUTH_STATES))
+    if list(frame.columns) != list(SYNTHETIC_FINDINGS) or bad:
+        raise ValueError(f"{truth_csv}: not a synthetic truth.csv (columns {list(frame.columns)}, values {bad[:3]})")
+    return frame
 
 
 def _progress(total: int, enabled: bool):

@@ -45,8 +45,18 @@ def render_study(
     (uncertain; drawn faintly or not at all); missing names are negative. Boxes are returned
     for positives only. The rng is consumed identically whatever the findings.
     """
-    img, boxes = render_study_unit(rng, findings, size, view)
-    return (img * 255.0 + 0.5).astype(np.uint8), boxes
+    img, boxes, _ = render_study_truth(rng, findings, size, view)
+    return img, boxes
+
+
+def render_study_truth(
+    rng: np.random.Generator, findings: dict[str, float], size: int, view: str = FRONTAL
+) -> tuple[np.ndarray, list[Box], dict[str, str]]:
+    """render_study, plus what was actually drawn per finding: "present" (a positive label),
+    "faint" (an uncertain label that drew the finding weakly) or "absent" (a negative, or an
+    uncertain label that drew nothing). The generator writes it as truth.csv."""
+    img, boxes, truth = _render(rng, findings, size, view)
+    return (img * 255.0 + 0.5).astype(np.uint8), boxes, truth
 
 
 def render_study_unit(
@@ -57,6 +67,12 @@ def render_study_unit(
     For writers that keep more than 8 bits (the DICOM fixture stores 12); the same rng state
     gives the same picture as render_study.
     """
+    unit, boxes, _ = _render(rng, findings, size, view)
+    return unit, boxes
+
+
+def _render(rng: np.random.Generator, findings: dict[str, float], size: int,
+            view: str) -> tuple[np.ndarray, list[Box], dict[str, str]]:
     if view not in (FRONTAL, LATERAL):
         raise ValueError(f"view must be {FRONTAL!r} or {LATERAL!r}, got {view!r}")
     unknown = set(findings) - set(SYNTHETIC_FINDINGS)
@@ -67,14 +83,16 @@ def render_study_unit(
     X, Y = pose(size, d.block(8))
     scene = anatomy(X, Y, geom, d.block(24))
     boxes: list[Box] = []
+    truth: dict[str, str] = {}
     for name in SYNTHETIC_FINDINGS:
         value = float(findings.get(name, 0.0))
-        k = _strength(value, d.block(3)) * geom.weak
-        for mask in FINDING_DRAW[name](scene, d.block(16), k):
+        strength = _strength(value, d.block(3))
+        truth[name] = "absent" if strength == 0.0 else "present" if value == 1.0 else "faint"
+        for mask in FINDING_DRAW[name](scene, d.block(16), strength * geom.weak):
             box = _bbox(mask)
             if value == 1.0 and box is not None:
                 boxes.append((name, *box))
-    return _expose(scene, d.block(12), rng.standard_normal((size, size), dtype=np.float32)), boxes
+    return _expose(scene, d.block(12), rng.standard_normal((size, size), dtype=np.float32)), boxes, truth
 
 
 def _expose(s: Scene, d: Draws, noise: np.ndarray) -> np.ndarray:
