@@ -176,3 +176,45 @@ def test_train_with_seeds_publishes_the_ensemble_as_the_best_artifact(ray_sessio
     assert seeds == [0, 1] and all("members" in m["artifact"] for m in meta.summary["members"])
     assert res.best_val_mean_auroc == meta.summary["val_mean_auroc"] and res.epochs_done == 2
     assert (tmp / "runs" / "ens" / "config.yaml").exists()
+
+
+# ------------------------------------------------------------------------------ init_from (two-stage recipes)
+
+
+def test_init_from_must_fit_the_run(synthetic):
+    from cxrray.config import TrainConfig, build
+    from cxrray.train import check_init_from
+
+    tmp, manifest, members = synthetic
+    base = {"manifest": manifest, "model": "small_cnn", "channels": 1, "init_from": members[0]}
+    check_init_from(build(TrainConfig, base), SPACE)  # the same model and classes: fine
+    with pytest.raises(ValueError, match="model small_cnn, not tiny_cnn"):
+        check_init_from(build(TrainConfig, {**base, "model": "tiny_cnn"}), SPACE)
+    with pytest.raises(ValueError, match="classes"):
+        check_init_from(build(TrainConfig, base), SPACE.select(["Cardiomegaly"]))
+    with pytest.raises(ValueError, match="input channels"):
+        check_init_from(build(TrainConfig, {**base, "channels": 3}), SPACE)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_stage_two_starts_from_the_stage_one_weights(ray_session, synthetic):
+    """A run with init_from and a vanishing learning rate ends where its start artifact was,
+    not at a fresh initialisation: the workers loaded the weights."""
+    from cxrray.config import TrainConfig, build
+    from cxrray.train import train
+
+    tmp, manifest, members = synthetic
+    cfg = build(TrainConfig, {"manifest": manifest, "model": "small_cnn", "image_size": 48, "channels": 1,
+                              "epochs": 1, "max_steps_per_epoch": 1, "num_workers": 1, "lr": 1e-12,
+                              "grad_clip": None, "storage_path": str(tmp / "runs"), "run_name": "stage2",
+                              "init_from": members[0], "loss": "aucm", "tracking": False})
+    res = train(cfg)
+    start, _ = load_artifact(members[0])
+    end, meta = load_artifact(res.last_artifact)
+    fresh = build_model("small_cnn", SPACE.num_outputs, PRE)
+    for (name, a), b, c in zip(start.state_dict().items(), end.state_dict().values(), fresh.state_dict().values()):
+        if a.dtype.is_floating_point and a.numel() > 1 and "running" not in name:
+            assert torch.allclose(a, b, atol=1e-6), name
+    assert not all(torch.allclose(a, c) for a, c in zip(start.state_dict().values(), fresh.state_dict().values()))
+    assert meta.config["loss"] == "aucm" and meta.config["init_from"] == members[0]
