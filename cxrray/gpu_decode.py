@@ -86,31 +86,25 @@ def decode_resized_batch(datas: Sequence[bytes], pre: Preprocess, *, device: str
 
     device: "cuda" (or None: CUDA when available) decodes eligible JPEGs on the GPU; "cpu" keeps
     the CPU path. use_torch=True forces torchvision's decoder and resize even on the CPU (tests
-    check the GPU path's arithmetic on machines without one).
+    check the GPU path's arithmetic on machines without one). A list-shaped front to
+    `decode_jpegs` (what the Predictor calls): the same eligibility and the same fallback.
     """
     sources = list(sources) if sources is not None else [f"<bytes {i}>" for i in range(len(datas))]
-    out: list[np.ndarray | ImageError | None] = [None] * len(datas)
     on_gpu = device == "cuda" or (device is None and _cuda())
-    torch_device = "cuda" if on_gpu else "cpu"
     if use_torch is None:
         use_torch = on_gpu
-    todo = [i for i, d in enumerate(datas) if use_torch and gpu_decodable(bytes(d), max_pixels)]
-    if todo:
+    blobs = {i: bytes(d) for i, d in enumerate(datas)}
+    on_device = decode_jpegs(blobs, pre.size, "cuda" if on_gpu else "cpu", max_pixels) if use_torch else {}
+    out: list[np.ndarray | ImageError] = []
+    for i, data in blobs.items():
+        if i in on_device:
+            out.append(on_device[i][0])
+            continue
         try:
-            decoded = _torch_decode([bytes(datas[i]) for i in todo], torch_device)
-            for i, img in zip(todo, decoded):
-                out[i] = resize_tensor(img, pre.size).cpu().numpy()
-        except (RuntimeError, ValueError) as e:  # one bad stream fails the batch: retry each on the CPU
-            log.debug("batched JPEG decode on %s failed (%s); CPU fallback", torch_device, e)
-            for i in todo:
-                out[i] = None
-    for i, item in enumerate(out):
-        if item is None:
-            try:
-                out[i] = decode_resized(bytes(datas[i]), pre, source=sources[i], max_pixels=max_pixels)[0]
-            except ImageError as e:
-                out[i] = e
-    return out  # type: ignore[return-value]
+            out.append(decode_resized(data, pre, source=sources[i], max_pixels=max_pixels)[0])
+        except ImageError as e:
+            out.append(e)
+    return out
 
 
 def _cuda() -> bool:
