@@ -266,6 +266,7 @@ class CXRServer:
             "thresholds": dict(zip(space.names, meta.thresholds)),
             "input": {"size": meta.preprocess.size, "channels": meta.preprocess.channels},
             "gradcam_layer": meta.gradcam_layer,
+            "ensemble": {"members": meta.members, "tta": list(meta.tta)},  # 1 member, no views: one plain model
             "created": meta.created,
             "code_version": meta.code_version,
             "summary": summary,
