@@ -94,7 +94,7 @@ def test_an_ensemble_artifact_loads_like_any_other_and_grad_cam_averages_its_mem
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    """200 synthetic patients at 48 px, split 60/20/20 by patient, and two quick_train seeds."""
+    """160 synthetic patients at 48 px, split 60/20/20 by patient, and two quick_train seeds."""
     from quick_train import quick_train
     from cxrray.manifest import write_manifest
     from cxrray.sources import load_source
@@ -102,7 +102,7 @@ def synthetic(tmp_path_factory):
     from cxrray.splits import assign_splits
 
     tmp = tmp_path_factory.mktemp("ensemble")
-    write_synthetic_chexpert(tmp / "syn", SynthConfig(n_patients=200, size=48, seed=4), progress=False)
+    write_synthetic_chexpert(tmp / "syn", SynthConfig(n_patients=160, size=48, seed=4), progress=False)
     res = load_source("synthetic", tmp / "syn", views=["frontal"], official_split=False)
     df = assign_splits(res.manifest, res.label_space, (0.6, 0.2, 0.2), seed=0)
     manifest = write_manifest(df, res.label_space, tmp / "manifest.parquet")
@@ -157,27 +157,6 @@ def test_cxrray_ensemble_picks_its_thresholds_on_its_own_validation_scores(ray_s
         build_ensemble([members[0], str(other)], manifest, tmp / "bad")
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_train_with_seeds_publishes_the_ensemble_as_the_best_artifact(ray_session, synthetic):
-    from cxrray.config import TrainConfig, build
-    from cxrray.train import train
-
-    tmp, manifest, _ = synthetic
-    cfg = build(TrainConfig, {"manifest": manifest, "model": "tiny_cnn", "image_size": 32, "channels": 1,
-                              "epochs": 1, "max_steps_per_epoch": 3, "num_workers": 1, "batch_size": 16,
-                              "storage_path": str(tmp / "runs"), "run_name": "ens", "seeds": 2, "tta": True,
-                              "tracking": False})
-    res = train(cfg)
-    meta = read_meta(res.best_artifact)
-    assert Path(res.best_artifact) == tmp / "runs" / "ens" / "artifacts" / "best"
-    assert meta.members == 2 and meta.tta == list(DEFAULT_TTA) and meta.architecture == "tiny_cnn"
-    seeds = [read_meta(m["artifact"]).config["seed"] for m in meta.summary["members"]]
-    assert seeds == [0, 1] and all("members" in m["artifact"] for m in meta.summary["members"])
-    assert res.best_val_mean_auroc == meta.summary["val_mean_auroc"] and res.epochs_done == 2
-    assert (tmp / "runs" / "ens" / "config.yaml").exists()
-
-
 # ------------------------------------------------------------------------------ init_from (two-stage recipes)
 
 
@@ -198,23 +177,32 @@ def test_init_from_must_fit_the_run(synthetic):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_stage_two_starts_from_the_stage_one_weights(ray_session, synthetic):
-    """A run with init_from and a vanishing learning rate ends where its start artifact was,
-    not at a fresh initialisation: the workers loaded the weights."""
+def test_train_with_seeds_from_a_stage_one_artifact_publishes_their_ensemble(ray_session, synthetic):
+    """`cxrray train seeds=2 tta=true init_from=...` (AUCM as a stage 2): one run per seed under
+    <run>/members/, each starting from the stage-1 weights (with a vanishing learning rate they
+    end where it was, not at a fresh initialisation), and their ensemble as artifacts/best."""
     from cxrray.config import TrainConfig, build
     from cxrray.train import train
 
     tmp, manifest, members = synthetic
     cfg = build(TrainConfig, {"manifest": manifest, "model": "small_cnn", "image_size": 48, "channels": 1,
-                              "epochs": 1, "max_steps_per_epoch": 1, "num_workers": 1, "lr": 1e-12,
-                              "grad_clip": None, "storage_path": str(tmp / "runs"), "run_name": "stage2",
-                              "init_from": members[0], "loss": "aucm", "tracking": False})
+                              "epochs": 1, "max_steps_per_epoch": 1, "num_workers": 1, "batch_size": 16, "lr": 1e-12,
+                              "grad_clip": None, "storage_path": str(tmp / "runs"), "run_name": "ens", "seeds": 2,
+                              "tta": True, "init_from": members[0], "loss": "aucm", "tracking": False})
     res = train(cfg)
-    start, _ = load_artifact(members[0])
-    end, meta = load_artifact(res.last_artifact)
-    fresh = build_model("small_cnn", SPACE.num_outputs, PRE)
-    for (name, a), b, c in zip(start.state_dict().items(), end.state_dict().values(), fresh.state_dict().values()):
-        if a.dtype.is_floating_point and a.numel() > 1 and "running" not in name:
-            assert torch.allclose(a, b, atol=1e-6), name
-    assert not all(torch.allclose(a, c) for a, c in zip(start.state_dict().values(), fresh.state_dict().values()))
-    assert meta.config["loss"] == "aucm" and meta.config["init_from"] == members[0]
+    meta = read_meta(res.best_artifact)
+    assert Path(res.best_artifact) == tmp / "runs" / "ens" / "artifacts" / "best"
+    assert meta.members == 2 and meta.tta == list(DEFAULT_TTA) and meta.architecture == "small_cnn"
+    runs = [m["artifact"] for m in meta.summary["members"]]
+    assert [read_meta(r).config["seed"] for r in runs] == [0, 1] and all("/members/seed" in r for r in runs)
+    assert res.best_val_mean_auroc == meta.summary["val_mean_auroc"] and res.epochs_done == 2
+    assert (tmp / "runs" / "ens" / "config.yaml").exists()
+    start = load_artifact(members[0])[0].state_dict()
+    fresh = build_model("small_cnn", SPACE.num_outputs, PRE).state_dict()
+    for run in runs:
+        end, m = load_artifact(run)
+        assert m.config["loss"] == "aucm" and m.config["init_from"] == members[0]
+        for (name, a), b in zip(start.items(), end.state_dict().values()):
+            if a.dtype.is_floating_point and a.numel() > 1 and "running" not in name:
+                assert torch.allclose(a, b, atol=1e-6), (run, name)
+    assert not all(torch.allclose(a, c) for a, c in zip(start.values(), fresh.values()))
