@@ -1,6 +1,7 @@
 """Helpers for tests that run a Ray cluster of their own beside the session's `ray_session`
-(a `ray start` head, a simulated multi-node cluster): free ports, a private temp dir, an
-environment that keeps the two apart, and stopping exactly this cluster's processes."""
+(a `ray start` head, a simulated multi-node cluster, a `cxrray train` subprocess with its own
+local Ray): free ports, a private temp dir, an environment that keeps the two apart, and
+stopping exactly this cluster's processes."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,35 @@ from pathlib import Path
 import pytest
 
 VENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "jobs" / "configs" / "synthetic_demo.yaml"
+CLI_EPOCHS = 2  # of conftest's cli_train_run
+
+
+def cxrray(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`cxrray [args]` in a fresh process, with the environment a user has (no pytest, no TTY).
+    No MLFLOW_TRACKING_URI: a run tracks to the default SQLite store under its storage_path."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"RAY_AUTH_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "cxrray.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def train_overrides(data: Path, name: str, *overrides: str) -> list[str]:
+    """The demo config over conftest's `cli_data`: tiny_cnn at 32 px, 2 workers, CLI_EPOCHS. Each
+    run `name` has a storage_path (so an MLflow store) of its own."""
+    return [f"root={data / 'syn'}", f"manifest={data / 'manifest.parquet'}", f"storage_path={data / 'runs' / name}",
+            f"run_name={name}", f"epochs={CLI_EPOCHS}", "num_workers=2", "model=tiny_cnn", "image_size=32", *overrides]
+
+
+def train_args(data: Path, name: str, *overrides: str) -> list[str]:
+    return ["train", "--config", str(DEMO_CONFIG), *train_overrides(data, name, *overrides)]
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """A finished `cxrray train` subprocess and the config overrides it ran with."""
+    overrides: list[str]
+    proc: subprocess.CompletedProcess
 
 
 def free_port() -> int:

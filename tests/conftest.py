@@ -1,4 +1,5 @@
-"""Shared fixtures: the real-data folder and one local Ray cluster per test session."""
+"""Shared fixtures: the real-data folder, one local Ray cluster per test session, a moto S3
+server, and one `cxrray train` subprocess run that two test modules check."""
 from __future__ import annotations
 
 import os
@@ -44,6 +45,36 @@ def ray_session():
     except Exception:  # noqa: BLE001 - Serve may never have started
         pass
     ray.shutdown()
+
+
+# --- one `cxrray train` run, as a user runs it ---------------------------------------------------------
+# A subprocess with its own local Ray. test_console checks what it printed, test_tracking what it
+# logged to MLflow (the default SQLite store) and what the registry makes of it: one run for both,
+# where a second Ray Train run of the same kind cost the suite ~23 s on a 2-core machine.
+@pytest.fixture(scope="session")
+def cli_data(tmp_path_factory) -> Path:
+    """60 synthetic patients at 32 px (~65 train / 15 valid images) and the manifest that
+    `cxrray train` would build from the demo config's source/root."""
+    from clusters import DEMO_CONFIG
+    from cxrray.config import TrainConfig, load_config
+    from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
+    from cxrray.train import ensure_manifest
+
+    tmp = tmp_path_factory.mktemp("cli")
+    write_synthetic_chexpert(tmp / "syn", SynthConfig(n_patients=60, size=32, seed=0), progress=False)
+    ensure_manifest(load_config(TrainConfig, DEMO_CONFIG, [f"root={tmp / 'syn'}",
+                                                           f"manifest={tmp / 'manifest.parquet'}"]))
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def cli_train_run(cli_data):
+    """`cxrray train ... --json` on cli_data: tiny_cnn, 32 px, 2 workers, CLI_EPOCHS epochs, the
+    demo config's default tracking."""
+    from clusters import DEMO_CONFIG, TrainRun, cxrray, train_overrides
+
+    overrides = train_overrides(cli_data, "cli")
+    return TrainRun(overrides, cxrray(cli_data, "train", "--config", str(DEMO_CONFIG), *overrides, "--json"))
 
 
 # --- a real S3 server (moto's server mode) ----------------------------------------------------------

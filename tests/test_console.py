@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from clusters import CLI_EPOCHS as EPOCHS, cxrray, train_args
 from cxrray.console import Progress, keep_relayed_line
 from cxrray.manifest import read_manifest, write_manifest
-from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "jobs" / "configs" / "synthetic_demo.yaml"
-EPOCHS = 2
 RAY_LINES = ("PlacementGroupCleaner", "TrainingReport(", "Execution plan", "Starting execution of Dataset")
 # A 2-epoch run's own lines: 1 "training ...", 1 per epoch, 1 for Ray's log directory, the
 # 3-line human summary and the JSON line: 8, plus ~3 from MLflow tracking: 11. Step progress adds
@@ -28,41 +26,15 @@ RAY_LINES = ("PlacementGroupCleaner", "TrainingReport(", "Execution plan", "Star
 MAX_LINES = 20
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    """60 synthetic patients at 32 px (~65 train / 15 valid images) and the manifest that
-    `cxrray train` would build from the demo config's source/root."""
-    from cxrray.config import TrainConfig, load_config
-    from cxrray.train import ensure_manifest
-
-    tmp = tmp_path_factory.mktemp("console")
-    write_synthetic_chexpert(tmp / "syn", SynthConfig(n_patients=60, size=32, seed=0), progress=False)
-    ensure_manifest(load_config(TrainConfig, DEMO_CONFIG, [f"root={tmp / 'syn'}",
-                                                           f"manifest={tmp / 'manifest.parquet'}"]))
-    return tmp
-
-
-def cxrray(tmp: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`cxrray [args]` in a fresh process, with the environment a user has (no pytest, no TTY)."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "cxrray.cli", *args], cwd=tmp, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def train_args(tmp: Path, *overrides: str) -> list[str]:
-    return ["train", "--config", str(DEMO_CONFIG), f"root={tmp / 'syn'}", f"manifest={tmp / 'manifest.parquet'}",
-            f"storage_path={tmp / 'runs'}", f"epochs={EPOCHS}", "num_workers=2", "model=tiny_cnn", "image_size=32",
-            *overrides]
-
-
 def lines(proc: subprocess.CompletedProcess) -> list[str]:
     return (proc.stdout + proc.stderr).splitlines()
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_train_console_shows_cxrrays_lines_only(synthetic):
-    proc = cxrray(synthetic, *train_args(synthetic, "run_name=quiet"), "--json")
+def test_train_console_shows_cxrrays_lines_only(cli_train_run):
+    """conftest's shared run (test_tracking checks what it logged to MLflow)."""
+    proc = cli_train_run.proc
     out = lines(proc)
     assert proc.returncode == 0, "\n".join(out)
     assert len(out) <= MAX_LINES, "\n".join(out)
@@ -78,8 +50,8 @@ def test_train_console_shows_cxrrays_lines_only(synthetic):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_verbose_brings_rays_lines_back(synthetic):
-    proc = cxrray(synthetic, "-v", *train_args(synthetic, "run_name=verbose", "epochs=1"))
+def test_verbose_brings_rays_lines_back(cli_data):
+    proc = cxrray(cli_data, "-v", *train_args(cli_data, "verbose", "epochs=1"))
     out = "\n".join(lines(proc))
     assert proc.returncode == 0, out
     assert "TrainingReport(" in out and "Starting execution of Dataset" in out, out
@@ -88,14 +60,14 @@ def test_verbose_brings_rays_lines_back(synthetic):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_workers_error_reaches_the_user(synthetic):
+def test_a_workers_error_reaches_the_user(cli_data):
     """Every image of the manifest missing: the train workers raise NoReadableImages; its
     message (and the workers' warnings that lead to it) must not be filtered away."""
-    df, space = read_manifest(synthetic / "manifest.parquet")
-    df["path"] = [str(synthetic / "gone" / Path(p).name) for p in df["path"]]
-    broken = write_manifest(df, space, synthetic / "missing.parquet")
-    proc = cxrray(synthetic, *train_args(synthetic, f"manifest={broken}", "run_name=broken", "epochs=1",
-                                         "max_failures=0"))
+    df, space = read_manifest(cli_data / "manifest.parquet")
+    df["path"] = [str(cli_data / "gone" / Path(p).name) for p in df["path"]]
+    broken = write_manifest(df, space, cli_data / "missing.parquet")
+    proc = cxrray(cli_data, *train_args(cli_data, "broken", f"manifest={broken}", "epochs=1",
+                                        "max_failures=0"))
     out = "\n".join(lines(proc))
     assert proc.returncode != 0, out
     assert "NoReadableImages" in out and "could be read" in out, out

@@ -119,20 +119,20 @@ def test_register_any_artifact_then_load_it_from_the_registry(tmp_path, monkeypa
 
 
 @pytest.fixture(scope="module")
-def tracked(ray_session, tmp_path_factory) -> dict:
-    """The demo config at 32 px, tiny_cnn, 2 epochs, 1 worker, trained through Ray Train with
-    the default tracking (no MLFLOW_TRACKING_URI in the environment)."""
-    from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
-    from cxrray.train import train
+def tracked(cli_train_run) -> dict:
+    """conftest's `cxrray train` subprocess (whose console test_console checks): the demo config
+    at 32 px, tiny_cnn, 2 epochs, 2 workers, through Ray Train with the default tracking (no
+    MLFLOW_TRACKING_URI in its environment)."""
+    from cxrray.artifact import read_meta
+    from cxrray.train import TrainResult
 
-    tmp = tmp_path_factory.mktemp("tracking")
-    write_synthetic_chexpert(tmp / "syn", SynthConfig(n_patients=60, size=32, seed=3), progress=False)
-    cfg = demo_config(tmp, "model=tiny_cnn", "image_size=32", "epochs=2", "num_workers=1", "run_name=tracked",
-                      "split=[0.6,0.4,0.0]", "batch_size=16")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        result = train(cfg)
-    return {"cfg": cfg, "result": result, "uri": f"sqlite:///{tmp / 'runs' / 'mlflow.db'}"}
+    proc = cli_train_run.proc
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    # What `train` returns: its --json line is that result without the history, which is the last artifact's.
+    result = TrainResult(**summary, history=read_meta(summary["last_artifact"]).summary["history"])
+    cfg = load_config(TrainConfig, DEMO_CONFIG, cli_train_run.overrides)
+    return {"cfg": cfg, "result": result, "uri": f"sqlite:///{Path(cfg.resolved_storage()) / 'mlflow.db'}"}
 
 
 @pytest.mark.ray
@@ -146,7 +146,7 @@ def test_the_run_is_in_mlflow_with_params_metrics_plots_and_artifact(tracked) ->
     exp = client.get_experiment_by_name("cxrray")
     assert exp.artifact_location == str(Path(tracked["cfg"].resolved_storage()) / "mlruns")  # inside storage
     (run,) = client.search_runs([exp.experiment_id])
-    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    assert run.info.run_name == "cli" and run.info.status == "FINISHED"
     assert run.data.params["model"] == "tiny_cnn" and float(run.data.params["lr"]) == tracked["cfg"].lr
     assert run.data.params["uncertainty.default"] == "U-Ones" and int(run.data.params["data.n_train"]) > 0
     history = client.get_metric_history(run.info.run_id, "val_mean_auroc")
