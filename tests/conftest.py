@@ -47,8 +47,6 @@ def pytest_collection_modifyitems(items) -> None:
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadFileScheduling
 
-    config.option.loadscopereorder = False  # xdist would hand out files with the most tests first
-
     class FilesTogether(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             file = super()._split_scope(nodeid)
