@@ -23,8 +23,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # scripts/test.sh runs the suite on xdist workers, one test file per worker at a time, so a
 # module's fixtures (a trained model, a cluster) are built once. Most of the suite's time is Ray
 # starting processes and tests waiting on them, which leaves a 2-core machine half idle with one
-# process. The files that check one session fixture's work share a worker, and the longest files
-# start first, so that no 5-minute file is handed out last.
+# process. The files that check one session fixture's work share a worker. The item order below
+# (longest files first) is what one process runs; xdist still hands files out by test count, most
+# first: handing them out longest first put every heavy Ray file beside the pointing game's
+# in-process training, which then got ~12% of a core (still training after 25 min).
 SHARED_WORKER = {"test_console.py": "cli_train_run", "test_tracking.py": "cli_train_run"}
 # Seconds of a quiet one-process run (2 cores, 2026-12-01), longest first; the rest follow in order.
 LONGEST_FIRST = ("test_explain.py",  # ~350: the pointing game's training
