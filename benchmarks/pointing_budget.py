@@ -11,15 +11,14 @@ Results (2026-12-01, 2-core CPU, seed 0) are in the comment above the test's POI
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # quick_train
-import numpy as np, pandas as pd, torch
+import torch
 from quick_train import quick_train
 from cxrray.predict import Predictor
 from cxrray.sources import load_source
 from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
-from cxrray.explain import gradcam, logit_index, pointing_hit
+from test_explain import POINTING, pointing_game
 
-cfg = dict(n_patients=800, valid_fraction=0.25, size=128, model="small_cnn", epochs=12, batch_size=16, lr=3e-3,
-           loss="weighted_bce", seed=0)
+cfg = dict(POINTING, seed=0)  # the test's budget, then the overrides
 WORK = "/tmp/pointing_budget"
 for a in sys.argv[1:]:
     k, v = a.split("=")
@@ -34,30 +33,7 @@ torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
 artifact = quick_train(source.manifest, source.label_space, out / "artifact", model=cfg["model"], size=cfg["size"],
                        epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"], seed=cfg["seed"], loss=cfg["loss"])
 t2 = time.time()
-predictor = Predictor(artifact, device="cpu"); manifest = source.manifest; boxes_csv = synth.boxes_csv
-space = predictor.label_space
-valid = manifest[manifest["split"] == "valid"].reset_index(drop=True)
-boxes = pd.read_csv(boxes_csv)
-imgs = np.stack([predictor.prepare_bytes(open(p, "rb").read()) for p in valid["path"]])
-probs = predictor.predict_images(imgs)
-positive = predictor.decisions(probs)
-by_image = {k: g for k, g in boxes.groupby("Path")}
-rows, targets, truth = [], [], []
-for i, image_id in enumerate(valid["image_id"]):
-    g = by_image.get(image_id)
-    if g is None:
-        continue
-    for finding, fb in g.groupby("Finding"):
-        k = space.names.index(finding)
-        if positive[i, k]:
-            rows.append(i); targets.append(logit_index(space, k))
-            truth.append([tuple(b) for b in fb[["x", "y", "w", "h"]].to_numpy(float)])
-maps, _ = gradcam(predictor.model, imgs[rows], predictor.meta.gradcam_layer, targets)
-tol = 15 / 224 * cfg["size"]
-hits = np.array([pointing_hit(m, b, tol) for m, b in zip(maps, truth)])
-targets = np.array(targets)
-per = {space.names[k]: f"{hits[targets == k].mean():.2f}/{(targets == k).sum()}" for k in sorted(set(targets.tolist()))}
-shuf = np.array([pointing_hit(m, b, tol) for m, b in zip(maps, truth[1:] + truth[:1])])
+hits, shuf, per = pointing_game(Predictor(artifact, device="cpu"), source.manifest, synth.boxes_csv, cfg["size"])
 t3 = time.time()
-print(json.dumps({"cfg": sys.argv[1:], "pointing": round(hits.mean(), 3), "n": len(hits), "shuffled": round(shuf.mean(), 3),
+print(json.dumps({"cfg": sys.argv[1:], "pointing": round(float(hits.mean()), 3), "n": int(len(hits)), "shuffled": round(float(shuf.mean()), 3),
                   "per": per, "t_data": round(t1 - t0), "t_train": round(t2 - t1), "t_eval": round(t3 - t2)}))

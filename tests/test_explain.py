@@ -353,12 +353,11 @@ def pointing_model(tmp_path_factory):
     return Predictor(artifact, device="cpu"), source.manifest, synth.boxes_csv
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(2400)  # 3-4 min of training on an idle 2-core CPU; a shared one is several times slower
-def test_pointing_game_on_synthetic_findings(pointing_model) -> None:
+def pointing_game(predictor, manifest, boxes_csv, size: int) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """Hits per held-out true positive with boxes, the same maps against another image's boxes,
+    and the hit rate per class. Also run by benchmarks/pointing_budget.py on other budgets."""
     import pandas as pd
 
-    predictor, manifest, boxes_csv = pointing_model
     space = predictor.label_space
     valid = manifest[manifest["split"] == "valid"].reset_index(drop=True)
     boxes = pd.read_csv(boxes_csv)  # Path is the manifest's image_id
@@ -379,13 +378,20 @@ def test_pointing_game_on_synthetic_findings(pointing_model) -> None:
                 targets.append(logit_index(space, k))
                 truth.append([tuple(b) for b in fb[["x", "y", "w", "h"]].to_numpy(float)])
     maps, _ = gradcam(predictor.model, imgs[rows], predictor.meta.gradcam_layer, targets)
-    tolerance = 15 / 224 * POINTING["size"]
+    tolerance = 15 / 224 * size
     hits = np.array([pointing_hit(m, b, tolerance) for m, b in zip(maps, truth)])
     targets = np.array(targets)
     per_class = {space.names[k]: f"{hits[targets == k].mean():.2f} of {(targets == k).sum()}"
                  for k in sorted(set(targets.tolist()))}
     # The same maps against the boxes of another image: what a map that ignores the image scores.
     shuffled = np.array([pointing_hit(m, b, tolerance) for m, b in zip(maps, truth[1:] + truth[:1])])
+    return hits, shuffled, per_class
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # 3-4 min of training on an idle 2-core CPU; a shared one is several times slower
+def test_pointing_game_on_synthetic_findings(pointing_model) -> None:
+    hits, shuffled, per_class = pointing_game(*pointing_model, POINTING["size"])
     print(f"\npointing game {hits.mean():.3f} over {len(hits)} true positives; per class {per_class}; "
           f"boxes of another image {shuffled.mean():.3f}")
     assert len(hits) >= 100, f"only {len(hits)} true positives with boxes: the model did not learn"
