@@ -204,6 +204,8 @@ class TrainConfig:
     loss: Literal["bce", "weighted_bce", "focal", "ce", "aucm"] = Field(
         "bce", description="bce | weighted_bce | focal | ce (multi-class) | aucm (AUC-margin; stage 2 after "
                            "init_from a bce/ce run)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="label smoothing eps in [0, 0.5): softer "
+                                   "cross-entropy targets (bce: 1 -> 1-eps/2, 0 -> eps/2); not with aucm")
     upsample: bool = Field(False, description="repeat rare-class positives instead of (or as well as) weighting")
     scheduler: Literal["cosine", "plateau", "none"] = Field("cosine", description="cosine | plateau | none")
     warmup_epochs: int = Field(0, ge=0, description="linear warm-up epochs of the cosine schedule")
@@ -261,6 +263,13 @@ class TrainConfig:
         if not 0 < v[0] <= v[1] <= 1:
             raise ValueError("needs 0 < low <= high <= 1")
         return v
+
+    @model_validator(mode="after")
+    def _smoothing_has_targets(self):
+        if self.loss == "aucm" and self.label_smoothing:
+            raise ValueError("label_smoothing does not apply to loss 'aucm' (a margin between score means, not "
+                             "per-image targets); set label_smoothing=0")
+        return self
 
     @model_validator(mode="after")
     def _manifest_options(self):

@@ -45,19 +45,29 @@ class ClassWeights:
         return tuple(n / 2 for n in self.neg)
 
 
+def smooth_binary(targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Label smoothing for independent binary labels: 1 -> 1 - eps/2, 0 -> eps/2 (two outcomes,
+    as cross-entropy's smoothing spreads eps over its classes); NaN stays NaN."""
+    return targets * (1 - label_smoothing) + label_smoothing / 2 if label_smoothing else targets
+
+
 def masked_bce(
     logits: torch.Tensor,
     targets: torch.Tensor,
     weights: ClassWeights | None = None,
     focal_gamma: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     mask = ~torch.isnan(targets)
     t = torch.nan_to_num(targets, nan=0.0)
     logits = logits.float()
-    loss = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    soft = smooth_binary(t, label_smoothing)
+    loss = F.binary_cross_entropy_with_logits(logits, soft, reduction="none")
     if focal_gamma:
+        # The focal factor reads the smoothed target too: on the hard one it vanishes as p -> 1
+        # and the loss would drive scores to saturation regardless of eps.
         p = torch.sigmoid(logits)
-        p_t = p * t + (1 - p) * (1 - t)
+        p_t = p * soft + (1 - p) * (1 - soft)
         loss = loss * (1 - p_t).pow(focal_gamma)
     if weights is not None:
         wp, wn = weights.tensors(logits.device)
@@ -66,22 +76,23 @@ def masked_bce(
     return loss.sum() / mask.sum().clamp(min=1)
 
 
-def multiclass_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def multiclass_ce(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """One-hot (or NaN) float targets -> cross-entropy over the rows that have a label."""
     valid = ~torch.isnan(targets).any(dim=1)
     if not valid.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[valid].float(), targets[valid].argmax(dim=1))
+    return F.cross_entropy(logits[valid].float(), targets[valid].argmax(dim=1), label_smoothing=label_smoothing)
 
 
-def uncertain_multiclass_ce(logits: torch.Tensor, targets: torch.Tensor, num_labels: int) -> torch.Tensor:
+def uncertain_multiclass_ce(logits: torch.Tensor, targets: torch.Tensor, num_labels: int,
+                            label_smoothing: float = 0.0) -> torch.Tensor:
     """U-MultiClass: a 3-way softmax per label over {0: negative, 1: positive, 2: uncertain}."""
     three = logits.float().view(-1, num_labels, 3).reshape(-1, 3)
     t = targets.reshape(-1)
     valid = ~torch.isnan(t)
     if not valid.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(three[valid], t[valid].long())
+    return F.cross_entropy(three[valid], t[valid].long(), label_smoothing=label_smoothing)
 
 
 def aucm_loss(probs: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -117,12 +128,21 @@ def aucm_loss(probs: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor, m
     return per_class[supervised].mean()
 
 
-def make_loss(kind: str, space: LabelSpace, weights: ClassWeights | None = None, focal_gamma: float = 2.0):
+def make_loss(kind: str, space: LabelSpace, weights: ClassWeights | None = None, focal_gamma: float = 2.0,
+              label_smoothing: float = 0.0):
     """Loss closure (logits, targets) -> scalar for the task; Inception's aux logits are handled
-    by `engine.compute_loss`."""
+    by `engine.compute_loss`. `label_smoothing` (eps in [0, 0.5)) softens the cross-entropy
+    targets of every loss but AUCM, whose objective is a margin between score means, not a
+    target per image."""
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    eps = float(label_smoothing)
     if kind == "aucm":
+        if eps:
+            raise ValueError("label_smoothing does not apply to loss 'aucm' (a margin between score means, "
+                             "not per-image targets); set it to 0")
         if space.uncertain_classes:
             raise ValueError("loss 'aucm' scores binary or one-vs-rest labels; U-MultiClass's 3-way heads need ce")
         if weights is None:
@@ -133,16 +153,17 @@ def make_loss(kind: str, space: LabelSpace, weights: ClassWeights | None = None,
     if space.task == MULTICLASS or kind == "ce":
         if space.task != MULTICLASS:
             raise ValueError("loss 'ce' is for multi-class tasks; use bce/weighted_bce/focal for multi-label")
-        return multiclass_ce
+        return lambda logits, targets: multiclass_ce(logits, targets, eps)
     if space.uncertain_classes:
-        return lambda logits, targets: uncertain_multiclass_ce(logits, targets, space.num_classes)
+        return lambda logits, targets: uncertain_multiclass_ce(logits, targets, space.num_classes, eps)
     if kind == "weighted_bce":
         if weights is None:
             raise ValueError("weighted_bce needs class weights from the training labels")
-        return lambda logits, targets: masked_bce(logits, targets, weights)
+        return lambda logits, targets: masked_bce(logits, targets, weights, label_smoothing=eps)
     if kind == "focal":
-        return lambda logits, targets: masked_bce(logits, targets, weights, focal_gamma=focal_gamma)
-    return lambda logits, targets: masked_bce(logits, targets)
+        return lambda logits, targets: masked_bce(logits, targets, weights, focal_gamma=focal_gamma,
+                                                  label_smoothing=eps)
+    return lambda logits, targets: masked_bce(logits, targets, label_smoothing=eps)
 
 
 def upsample_rare(df: pd.DataFrame, space: LabelSpace, *, target_fraction: float = 0.25, max_factor: int = 8,

@@ -128,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=1) \
         if cfg.scheduler == "plateau" else None
     weights = ClassWeights(**config["class_weights"]) if config.get("class_weights") else None
-    loss_fn = make_loss(cfg.loss, space, weights)
+    loss_fn = make_loss(cfg.loss, space, weights, label_smoothing=cfg.label_smoothing)
 
     start_epoch, best, history, stale = 0, None, [], 0
     best_thresholds = [0.5] * space.num_classes

@@ -76,6 +76,8 @@ def test_yaml_1_1_exponent_becomes_a_float():
     ("use_gpu=maybe", "use_gpu: 'maybe' is not true or false nor one of 'auto'"),
     ("split=[0.5,0.2,0.2]", "split: [0.5, 0.2, 0.2]: train,valid,test fractions must be >= 0 and sum to 1"),
     ("aug_scale=[0.9,1.5]", "aug_scale: [0.9, 1.5]: needs 0 < low <= high <= 1"),
+    ("label_smoothing=0.5", "label_smoothing: 0.5 is out of range (must be < 0.5)"),
+    ("label_smoothing=-1", "label_smoothing: -1 is out of range (must be >= 0)"),
     ("epoch=3", "epoch: unknown key (did you mean epochs?); valid keys: "),
     ("source_options={classes: 3}", "source_options: classes: not an option of source 'synthetic'"),
     ("uncertainty={default: U-Maybe}", "uncertainty: unknown uncertainty policy 'U-Maybe'"),
@@ -158,3 +160,10 @@ def test_keys_help_lists_every_key_with_its_default():
     for name in TrainConfig.__pydantic_fields__:
         assert f"\n  {name} " in text
     assert "lr                       default 0.001  peak learning rate" in text
+
+
+def test_label_smoothing_with_aucm_is_refused_before_ray_starts():
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, DEMO, ["loss=aucm", "label_smoothing=0.1"])
+    assert "label_smoothing does not apply to loss 'aucm'" in str(e.value)
+    assert load_config(TrainConfig, DEMO, ["label_smoothing=0.1"]).label_smoothing == 0.1

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from cxrray.engine import cosine_lr
@@ -138,6 +139,63 @@ def test_aucm_in_make_loss_one_vs_rest_and_its_limits():
         make_loss("aucm", LabelSpace(("a",), uncertain_classes=True), w)
     with pytest.raises(ValueError, match="class priors"):
         make_loss("aucm", space)
+
+
+def _fitted_probability(loss_fn, targets: torch.Tensor, *, softmax: bool) -> torch.Tensor:
+    """The probability a free logit settles at when it minimises loss_fn on fixed targets."""
+    logits = torch.zeros_like(targets, requires_grad=True)
+    opt = torch.optim.SGD([logits], lr=2.0)
+    for _ in range(500):
+        opt.zero_grad()
+        loss_fn(logits, targets).backward()
+        opt.step()
+    with torch.no_grad():
+        return torch.softmax(logits, dim=1) if softmax else torch.sigmoid(logits)
+
+
+@pytest.mark.parametrize("kind", ["bce", "weighted_bce", "focal"])
+def test_label_smoothing_stops_binary_scores_short_of_saturation(kind):
+    space = LabelSpace(("a", "b"))
+    targets = torch.tensor([[1.0, 0.0], [0.0, float("nan")]])
+    w = ClassWeights.from_labels(np.array([[1, 0], [0, 1]], np.float32))
+    # Scores near saturation (0.999 on a positive, 0.001 on a negative): without smoothing the
+    # loss still pushes them outwards, with eps = 0.1 it pulls them back (its optimum is finite:
+    # 0.95 for BCE, ~0.995 for focal, whose factor flattens the loss near the target).
+    for eps, outwards in ((0.0, True), (0.1, False)):
+        logits = torch.logit(torch.tensor([[0.999, 0.001], [0.5, 0.5]]).double()).float().requires_grad_()
+        make_loss(kind, space, w, label_smoothing=eps)(logits, targets).backward()
+        grad = logits.grad
+        assert bool(grad[0, 0] < 0) == outwards and bool(grad[0, 1] > 0) == outwards, (eps, grad)
+        assert grad[1, 1] == 0  # masked
+    if kind != "focal":
+        # BCE's optimum is p = 1 - eps/2 for a positive and eps/2 for a negative (class weights
+        # scale a label's terms, not where their sum is smallest).
+        p = _fitted_probability(make_loss(kind, space, w, label_smoothing=0.1), targets, softmax=False)
+        assert p[0, 0] == pytest.approx(0.95, abs=0.01) and p[0, 1] == pytest.approx(0.05, abs=0.01)
+
+
+def test_label_smoothing_in_multiclass_ce_matches_torch_and_its_optimum():
+    space = LabelSpace(("x", "y", "z"), MULTICLASS)
+    one_hot = torch.eye(3)[[0, 2]]
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    got = make_loss("ce", space, label_smoothing=0.2)(logits, one_hot)
+    assert got.item() == pytest.approx(F.cross_entropy(logits, torch.tensor([0, 2]), label_smoothing=0.2).item())
+    p = _fitted_probability(make_loss("ce", space, label_smoothing=0.3), one_hot, softmax=True)
+    # eps spread over the 3 classes: the true class keeps 1 - eps + eps/3.
+    assert p[0, 0] == pytest.approx(0.8, abs=0.01) and p[0, 1] == pytest.approx(0.1, abs=0.01)
+    unc = LabelSpace(("a",), uncertain_classes=True)
+    three = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    assert make_loss("bce", unc, label_smoothing=0.1)(three, torch.tensor([[0.0], [2.0]])).item() == pytest.approx(
+        F.cross_entropy(three, torch.tensor([0, 2]), label_smoothing=0.1).item())
+
+
+def test_label_smoothing_is_refused_where_it_has_no_meaning():
+    space = LabelSpace(("a",))
+    w = ClassWeights.from_labels(np.array([[1], [0]], np.float32))
+    with pytest.raises(ValueError, match="does not apply to loss 'aucm'"):
+        make_loss("aucm", space, w, label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+        make_loss("bce", space, label_smoothing=0.5)
 
 
 def test_auroc_matches_sklearn_and_reports_single_value_classes():
