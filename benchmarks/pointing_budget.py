@@ -4,7 +4,8 @@ What a cheaper training would give the Grad-CAM pointing game: the fixture's syn
 `quick_train` and the test's hit rule, with any of its settings overridden, timed, one JSON line.
 
     python benchmarks/pointing_budget.py                      # the test's own budget
-    python benchmarks/pointing_budget.py size=96              # or model=tiny_cnn, epochs=8, n_patients=1600
+    python benchmarks/pointing_budget.py size=96              # or model=tiny_cnn, epochs=8, n_patients=1600,
+    python benchmarks/pointing_budget.py warm_epochs=8 warm_size=64     # progressive resizing
 
 Results (2026-12-01, 2-core CPU, seed 0) are in the comment above the test's POINTING budget.
 """
@@ -18,7 +19,7 @@ from cxrray.sources import load_source
 from cxrray.sources.synthetic import SynthConfig, write_synthetic_chexpert
 from test_explain import POINTING, pointing_game
 
-cfg = dict(POINTING, seed=0)  # the test's budget, then the overrides
+cfg = {"seed": 0, "warm_size": 64, "warm_epochs": 0, **POINTING}  # the test's budget, then the overrides
 WORK = "/tmp/pointing_budget"
 for a in sys.argv[1:]:
     k, v = a.split("=")
@@ -31,7 +32,8 @@ source = load_source("synthetic", out / "data", check_files=False)
 t1 = time.time()
 torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
 artifact = quick_train(source.manifest, source.label_space, out / "artifact", model=cfg["model"], size=cfg["size"],
-                       epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"], seed=cfg["seed"], loss=cfg["loss"])
+                       epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"], seed=cfg["seed"], loss=cfg["loss"],
+                       warm_size=cfg["warm_size"], warm_epochs=cfg["warm_epochs"])
 t2 = time.time()
 hits, shuf, per = pointing_game(Predictor(artifact, device="cpu"), source.manifest, synth.boxes_csv, cfg["size"])
 t3 = time.time()

@@ -27,7 +27,21 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # (longest files first) is what one process runs; xdist still hands files out by test count, most
 # first: handing them out longest first put every heavy Ray file beside the pointing game's
 # in-process training, which then got ~12% of a core (still training after 25 min).
-SHARED_WORKER = {"test_console.py": "cli_train_run", "test_tracking.py": "cli_train_run"}
+#
+# The files that start Ray processes of their own (`ray start` nodes, `cxrray` subprocesses with a
+# local Ray, `ray job submit`) also share one worker, so they run one after another. Two of them at
+# once, each beside its worker's session cluster, filled the 24 GiB machine (2026-12-07, -n 2, main
+# 55b623d: the raylet OOM-killed a two-node run's workers at 22.4 of 23.5 GB, and under that memory
+# pressure the suite took 70 min with 6 failures, against 31 min passing on a quieter run). The
+# session-cluster files (ray_session: one Ray per worker) and the in-process training share the
+# other worker and the queue.
+OWN_CLUSTERS = "own_clusters"
+SHARED_WORKER = {name: OWN_CLUSTERS for name in (
+    "test_console.py", "test_tracking.py",  # conftest's cli_train_run and two more `cxrray train` runs
+    "test_multinode.py",  # `ray start` head + node, raylet killed and restarted
+    "test_train_cluster.py",  # a simulated two-node cluster; `ray job submit` to a `ray start` head
+    "test_serve_cli.py",  # `serve deploy` / `serve run` on a `ray start` head
+)}
 # Seconds of a quiet one-process run (2 cores, 2026-12-01), longest first; the rest follow in order.
 LONGEST_FIRST = ("test_explain.py",  # ~350: the pointing game's training
                  "test_train.py",  # ~270
