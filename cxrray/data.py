@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -105,6 +106,30 @@ def _rows_per_task(n_rows: int, batch_size: int) -> int:
     return int(max(1, min(MAX_ROWS_PER_TASK, max(batch_size, math.ceil(n_rows / (2 * max(1, cpus)))))))
 
 
+@contextmanager
+def _all_cpus_for_decode():
+    """Datasets built inside take every free CPU for their decode tasks from the first block on.
+
+    Ray Data's resource reservation (on by default in 2.60) keeps half of the cluster's resources
+    per operator for the operators downstream. A training input pipeline has none (blocks of
+    paths -> one map), so on a 2-CPU node it ran its decode tasks one at a time until
+    the last one: NIH PNGs at 123 img/s against a 2-worker DataLoader's 196, and 185 with the
+    reservation off (benchmarks/results/data.md, 2026-12-07). A dataset keeps the context it was
+    built with, and so does every dataset derived from it; scoring's pipeline (decode tasks
+    feeding a Predictor actor pool) is built elsewhere and keeps the reservation its actors need.
+    """
+    ctx = ray.data.DataContext.get_current()
+    if not hasattr(ctx, "op_resource_reservation_enabled"):
+        yield
+        return
+    previous = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = False
+    try:
+        yield
+    finally:
+        ctx.op_resource_reservation_enabled = previous
+
+
 def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Augment | None,
                   batch_size: int = 32, *, shuffle: bool = False, seed: int | None = None,
                   targets: TargetMap | None = None) -> ray.data.Dataset:
@@ -123,7 +148,8 @@ def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Aug
     n_blocks = max(1, math.ceil(len(frame) / rows))
     bounds = np.linspace(0, len(frame), n_blocks + 1).astype(int)
     parts = [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    ds = ray.data.from_pandas(parts)
+    with _all_cpus_for_decode():
+        ds = ray.data.from_pandas(parts)
     if shuffle:
         ds = ds.randomize_block_order()  # blocks of paths: cheap; a new order each execution (epoch)
     return ds.map_batches(decode_files, batch_size=rows, batch_format="numpy",
@@ -162,6 +188,9 @@ def shards_dataset(shards_dir: str | Path, split: str, space: LabelSpace, pre: P
     info = read_shard_info(shards_dir)
     if info["size"] < pre.size:
         raise ValueError(f"shards in {shards_dir} are {info['size']} px, smaller than the model's {pre.size} px")
+    # Not _all_cpus_for_decode here: with a read operator before the decode, the reservation is
+    # what keeps the reads from taking every CPU (without it, 5,216 Kermany shards rows took 330 s
+    # for one epoch instead of 1.8 s, 2026-12-07).
     ds = _read_shards(split_dir, shuffle="files" if shuffle else None)
     rows = _rows_per_task(int(info["images"].get(split, 0)), batch_size)
     return ds.map_batches(decode_shard_rows, batch_size=rows, batch_format="numpy",
