@@ -73,6 +73,29 @@ def test_unreadable_file_is_skipped_not_fatal(ray_session, small_manifest, tmp_p
     assert len(images) == 4 and len(labels) == 4
 
 
+def test_only_the_files_pipeline_gives_up_ray_datas_resource_reservation(ray_session, small_manifest, tmp_path):
+    """Files: paths -> one decode map, nothing downstream to reserve for; with Ray 2.60's
+    reservation on, its decode tasks ran one at a time on 2 CPUs (benchmarks/results/data.md).
+    Shards keep it (their Parquet read took every CPU without it), and so does every dataset
+    built outside, such as scoring's actor pool."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    if not hasattr(ctx, "op_resource_reservation_enabled"):
+        pytest.skip("this Ray has no operator resource reservation")
+    df, space = small_manifest
+    pre = Preprocess(size=48, channels=1)
+    before = ctx.op_resource_reservation_enabled
+    files = files_dataset(df[df["split"] == "train"], space, pre, None, shuffle=True, seed=0)
+    assert files.context.op_resource_reservation_enabled is False  # kept by every derived dataset
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled == before  # restored
+    assert ray.data.range(4).map_batches(lambda b: b).context.op_resource_reservation_enabled == before
+    prepare_shards(df, space, tmp_path / "shards", size=48, rows_per_shard=20, progress=False)
+    shards = shards_dataset(tmp_path / "shards", "train", space, pre, None, shuffle=True)
+    assert shards.context.op_resource_reservation_enabled == before
+    assert len(_collect(files)[0]) == int((df["split"] == "train").sum())  # and it still reads every image
+
+
 def test_shards_round_trip_and_match_raw(ray_session, small_manifest, tmp_path):
     df, space = small_manifest
     info = prepare_shards(df, space, tmp_path / "shards", size=48, rows_per_shard=20, progress=False)
