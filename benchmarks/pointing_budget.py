@@ -4,7 +4,7 @@ What a cheaper training would give the Grad-CAM pointing game: the fixture's syn
 `quick_train` and the test's hit rule, with any of its settings overridden, timed, one JSON line.
 
     python benchmarks/pointing_budget.py                      # the test's own budget
-    python benchmarks/pointing_budget.py size=96              # or model=tiny_cnn, epochs=8, n_patients=1600,
+    python benchmarks/pointing_budget.py size=96              # or model=tiny_cnn, epochs=8, n_patients=1600
     python benchmarks/pointing_budget.py warm_epochs=8 warm_size=64     # progressive resizing
 
 Results (2026-12-01, 2-core CPU, seed 0) are in the comment above the test's POINTING budget.

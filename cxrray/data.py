@@ -13,7 +13,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -107,27 +107,23 @@ def _rows_per_task(n_rows: int, batch_size: int) -> int:
 
 
 @contextmanager
-def _all_cpus_for_decode():
-    """Datasets built inside take every free CPU for their decode tasks from the first block on.
+def _context_set(name: str, value) -> Iterator[None]:
+    """Datasets built inside get DataContext.<name> = value; the current context is restored after.
 
-    Ray Data's resource reservation (on by default in 2.60) keeps half of the cluster's resources
-    per operator for the operators downstream. A training input pipeline has none (blocks of
-    paths -> one map), so on a 2-CPU node it ran its decode tasks one at a time until
-    the last one: NIH PNGs at 123 img/s against a 2-worker DataLoader's 196, and 185 with the
-    reservation off (benchmarks/results/data.md, 2026-12-07). A dataset keeps the context it was
-    built with, and so does every dataset derived from it; scoring's pipeline (decode tasks
-    feeding a Predictor actor pool) is built elsewhere and keeps the reservation its actors need.
+    A Ray dataset keeps a copy of the context it was built with, and every dataset derived from
+    it keeps that copy, so the setting follows the pipeline and nothing else. An older Ray without
+    the setting builds with its defaults.
     """
     ctx = ray.data.DataContext.get_current()
-    if not hasattr(ctx, "op_resource_reservation_enabled"):
+    if not hasattr(ctx, name):
         yield
         return
-    previous = ctx.op_resource_reservation_enabled
-    ctx.op_resource_reservation_enabled = False
+    previous = getattr(ctx, name)
+    setattr(ctx, name, value)
     try:
         yield
     finally:
-        ctx.op_resource_reservation_enabled = previous
+        setattr(ctx, name, previous)
 
 
 def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Augment | None,
@@ -148,7 +144,13 @@ def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Aug
     n_blocks = max(1, math.ceil(len(frame) / rows))
     bounds = np.linspace(0, len(frame), n_blocks + 1).astype(int)
     parts = [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    with _all_cpus_for_decode():
+    # Every free CPU for the decode tasks from the first block on. Ray Data's resource reservation
+    # (on by default in 2.60) keeps half of the cluster per operator for the operators downstream;
+    # this pipeline has none (blocks of paths -> one map), so on a 2-CPU node it ran its decode
+    # tasks one at a time: NIH PNGs at 123 img/s against a 2-worker DataLoader's 196, and 172-185
+    # with the reservation off (benchmarks/results/data.md, 2026-12-07). Scoring's pipeline (decode
+    # tasks feeding a Predictor actor pool) is built elsewhere and keeps the reservation.
+    with _context_set("op_resource_reservation_enabled", False):
         ds = ray.data.from_pandas(parts)
     if shuffle:
         ds = ds.randomize_block_order()  # blocks of paths: cheap; a new order each execution (epoch)
@@ -166,15 +168,8 @@ def _read_shards(split_dir: str, shuffle: str | None = None) -> ray.data.Dataset
     (2-7 s on 2 cores, where the V1 reader streams 1,000 images in 0.4 s; see
     benchmarks/results/data.md). V1 reads the footers once, here on the driver.
     """
-    ctx = ray.data.DataContext.get_current()
-    if not hasattr(ctx, "use_datasource_v2"):  # older Ray: V1 is the only reader
+    with _context_set("use_datasource_v2", False):  # older Ray: V1 is the only reader
         return ray.data.read_parquet(str(split_dir), shuffle=shuffle)
-    previous = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:
-        return ray.data.read_parquet(str(split_dir), shuffle=shuffle)
-    finally:
-        ctx.use_datasource_v2 = previous
 
 
 def shards_dataset(shards_dir: str | Path, split: str, space: LabelSpace, pre: Preprocess,
@@ -188,7 +183,7 @@ def shards_dataset(shards_dir: str | Path, split: str, space: LabelSpace, pre: P
     info = read_shard_info(shards_dir)
     if info["size"] < pre.size:
         raise ValueError(f"shards in {shards_dir} are {info['size']} px, smaller than the model's {pre.size} px")
-    # Not _all_cpus_for_decode here: with a read operator before the decode, the reservation is
+    # The reservation stays on here: with a read operator before the decode, it is
     # what keeps the reads from taking every CPU (without it, 5,216 Kermany shards rows took 330 s
     # for one epoch instead of 1.8 s, 2026-12-07).
     ds = _read_shards(split_dir, shuffle="files" if shuffle else None)

@@ -72,6 +72,8 @@ def quick_train(
     Progressive resizing: the first `warm_epochs` of the `epochs` run at `warm_size` (a fully
     convolutional model with global pooling takes any size), the rest at `size`. An epoch at half
     the side costs a quarter of the convolutions."""
+    if warm_epochs and not warm_size:
+        raise ValueError("warm_epochs needs a warm_size")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pre = Preprocess(size=size, channels=1, mean=(0.5,), std=(0.25,))

@@ -328,9 +328,9 @@ def test_pointing_hit() -> None:
 # tiny_cnn at 128 px 0.686 (44 s), 24 epochs 0.683, 1,600 patients 0.688: Support Devices
 # 0.33-0.63, too thin a tube for a quarter of the width. None keeps every finding on its box.
 # Progressive resizing (2026-12-07, `benchmarks/pointing_budget.py warm_epochs=8`: 8 epochs at
-# 64 px, then 4 at 128) trains in 91-93 s on half the convolutions, and seed 0 gives 0.919 with every finding
-# >= 0.71; but training seed 1 gives 0.830 with Consolidation 0.13 and Lung Lesion 0.38, so it too
-# would let a mean hide findings that point off their boxes. Kept out.
+# 64 px, then 4 at 128) trains in 91-93 s on half the convolutions, and seed 0 gives 0.919 with
+# every finding >= 0.71; but training seed 1 gives 0.830 with Consolidation 0.13 and Lung Lesion
+# 0.38, so it too would let a mean hide findings that point off their boxes. Kept out.
 
 POINTING = dict(n_patients=800, valid_fraction=0.25, size=128, model="small_cnn", epochs=12, batch_size=16,
                 lr=3e-3, loss="weighted_bce")
