@@ -13,7 +13,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -91,19 +91,27 @@ def decode_shard_rows(batch: dict, *, pre: Preprocess, aug: Augment | None, labe
     return _keep_good(images, _label_matrix(batch, label_cols, targets), [], size)
 
 
-MAX_ROWS_PER_TASK = 256
+# One decode task's output at most (uint8 [rows, 1, S, S]): 1,337 rows at 224 px, 256 at 512 px.
+# It bounds a task's memory; the row count itself is set by the per-task cost below.
+MAX_TASK_BYTES = 64 << 20
 
 
-def _rows_per_task(n_rows: int, batch_size: int) -> int:
-    """Rows per decode task: at least two tasks per cluster CPU (load balance, as Ray Data's own
-    read parallelism does), otherwise as many rows as possible, up to MAX_ROWS_PER_TASK.
+def _rows_per_task(n_rows: int, batch_size: int, size: int = 224, cpus: int | None = None, *,
+                   tasks_per_cpu: int = 2) -> int:
+    """Rows per decode task: `tasks_per_cpu` tasks per cluster CPU over n_rows, otherwise as many
+    rows as a task's output may hold (MAX_TASK_BYTES), and never fewer than a batch.
 
-    Each Ray task carries a fixed cost (scheduling, object-store round trip): ~20 ms on a busy
-    2-core machine, as much as decoding 20-40 Kermany JPEGs. Tasks of one training batch
-    (32 rows) cost ~30% of the raw-JPEG throughput (benchmarks/results/data.md).
+    Each Ray task carries a fixed cost (scheduling, the object-store round trip): about 26 ms on
+    an idle 2-core machine, as much as decoding 130 of Kermany's 224-px JPEGs. Tasks of 256 rows
+    spent a third of the raw-JPEG throughput on it (benchmarks/results/data.md). Two tasks per
+    CPU balance the end of a single pass (validation, shards); across passes (training's
+    `epochs`), the next pass's tasks fill the CPUs that fall idle, and one per CPU does better.
     """
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else (os.cpu_count() or 1)
-    return int(max(1, min(MAX_ROWS_PER_TASK, max(batch_size, math.ceil(n_rows / (2 * max(1, cpus)))))))
+    if cpus is None:
+        cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else (os.cpu_count() or 1)
+    most = max(batch_size, MAX_TASK_BYTES // (size * size))
+    wanted = math.ceil(n_rows / (tasks_per_cpu * max(1, cpus)))
+    return int(max(1, min(most, max(batch_size, wanted))))
 
 
 @contextmanager
@@ -126,37 +134,108 @@ def _context_set(name: str, value) -> Iterator[None]:
         setattr(ctx, name, previous)
 
 
+def _epoch_order(n: int, epoch: int, seed: int | None) -> np.ndarray:
+    """The row order of one pass: a permutation drawn from (seed, epoch), identical in every
+    task of that pass; None: manifest order."""
+    if seed is None:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def decode_pass_blocks(batch: dict, *, frame: pd.DataFrame, bounds: np.ndarray, seed: int | None,
+                       **decode) -> dict:
+    """Task ids -> decoded rows. Task id k is block k % n_blocks of pass k // n_blocks; the
+    block's rows are a slice of that pass's order (`_epoch_order`)."""
+    n_blocks = len(bounds) - 1
+    parts = []
+    for task in np.asarray(batch["id"], dtype=np.int64):
+        epoch, block = divmod(int(task), n_blocks)
+        rows = frame.iloc[_epoch_order(len(frame), epoch, seed)[bounds[block]:bounds[block + 1]]]
+        parts.append(decode_files({c: rows[c].to_numpy() for c in rows.columns}, **decode))
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Augment | None,
                   batch_size: int = 32, *, shuffle: bool = False, seed: int | None = None,
-                  targets: TargetMap | None = None) -> ray.data.Dataset:
+                  targets: TargetMap | None = None, epochs: int = 1) -> ray.data.Dataset:
     """Raw image files -> batch dicts; labels through `targets` (default: U-Zeros, blank zero).
-    One block per decode task, sized by `_rows_per_task`, so decoding spreads over all CPUs. `batch_size` is the smallest task; training re-batches.
+    One decode task per block of rows, sized by `_rows_per_task`, so decoding spreads over all
+    CPUs; `batch_size` is the smallest block, and training re-batches.
 
-    shuffle (training): the rows are permuted once and the blocks re-ordered every epoch; the
-    train loop's local shuffle buffer then mixes neighbouring blocks. Without it a manifest in
-    folder order (Kermany's: every NORMAL, then every PNEUMONIA) trains on one class at a time.
+    epochs (training): the dataset holds that many passes over the rows, one after another, so
+    one execution feeds the whole run. Ray Data starts a pipeline in ~40 ms and fills it a wave of
+    tasks later; re-executed every epoch, that start and the epoch's tail (the last tasks, when
+    CPUs fall idle) came back every epoch, and short epochs ran at 0.93x a persistent-worker
+    DataLoader (benchmarks/results/data.md). The consumer takes an epoch's worth of batches at a
+    time (train.py), and the next pass's tasks fill the CPUs while an epoch ends.
+
+    shuffle (training): every pass reads the rows in its own order, seeded by (seed, pass), so
+    batches differ from epoch to epoch and a run is reproducible; the train loop's local shuffle
+    buffer mixes further. Without it, a manifest in folder order (Kermany's: every NORMAL, then
+    every PNEUMONIA) trains on one class at a time.
     """
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
     cols = ["image_id", "path", *space.columns]
     frame = df[cols].reset_index(drop=True)
-    if shuffle:
-        frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    rows = _rows_per_task(len(frame), batch_size)
+    if shuffle and seed is None:
+        seed = int(np.random.default_rng().integers(2**31))  # drawn once: every task of a pass agrees
+    rows = _rows_per_task(len(frame), batch_size, pre.size, tasks_per_cpu=1 if epochs > 1 else 2)
     n_blocks = max(1, math.ceil(len(frame) / rows))
     bounds = np.linspace(0, len(frame), n_blocks + 1).astype(int)
-    parts = [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     # Every free CPU for the decode tasks from the first block on. Ray Data's resource reservation
     # (on by default in 2.60) keeps half of the cluster per operator for the operators downstream;
-    # this pipeline has none (blocks of paths -> one map), so on a 2-CPU node it ran its decode
+    # this pipeline has none (task ids -> one decode map), so on a 2-CPU node it ran its decode
     # tasks one at a time: NIH PNGs at 123 img/s against a 2-worker DataLoader's 196, and 172-185
     # with the reservation off (benchmarks/results/data.md, 2026-12-07). Scoring's pipeline (decode
     # tasks feeding a Predictor actor pool) is built elsewhere and keeps the reservation.
     with _context_set("op_resource_reservation_enabled", False):
-        ds = ray.data.from_pandas(parts)
-    if shuffle:
-        ds = ds.randomize_block_order()  # blocks of paths: cheap; a new order each execution (epoch)
-    return ds.map_batches(decode_files, batch_size=rows, batch_format="numpy",
-                          fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns),
-                                     "targets": _targets(space, targets)})
+        # One id per (pass, block): generated in the decode task itself (the read fuses with the
+        # map), so a long run holds no copy of the paths per pass.
+        tasks = ray.data.range(epochs * n_blocks, override_num_blocks=epochs * n_blocks)
+    ds = tasks.map_batches(decode_pass_blocks, batch_size=None, batch_format="numpy",
+                           fn_kwargs={"frame": frame, "bounds": bounds, "seed": seed if shuffle else None,
+                                      "pre": pre, "aug": aug, "label_cols": list(space.columns),
+                                      "targets": _targets(space, targets)})
+    # Blocks come out in task order, so an epoch's worth of rows is exactly one pass and the order
+    # is the seeded one; measured at no cost (benchmarks/results/data.md). Ray Train replaces a
+    # dataset's execution options with its own, so train.py asks for the same (ordered_ingest).
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+class BatchStream:
+    """A stream of batch dicts taken n rows at a time (an epoch of a multi-pass dataset): the
+    batch that spans two takes is cut, and its rest opens the next take, so no row is lost or
+    read twice. A take ends early when the stream does."""
+
+    def __init__(self, batches: Iterable[dict]):
+        self._batches, self._rest = iter(batches), None
+
+    def take(self, n: int) -> Iterator[dict]:
+        while n > 0:
+            if self._rest is not None:
+                batch, self._rest = self._rest, None
+            else:
+                batch = next(self._batches, None)
+                if batch is None:
+                    return
+            size = len(batch["image"])
+            if size > n:
+                batch, self._rest = {k: v[:n] for k, v in batch.items()}, {k: v[n:] for k, v in batch.items()}
+            n -= len(batch["image"])
+            yield batch
+
+
+def ordered_ingest():
+    """Ray Train's ingest options for a `files_dataset`, with its order kept (see there)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _read_shards(split_dir: str, shuffle: str | None = None) -> ray.data.Dataset:
@@ -187,7 +266,7 @@ def shards_dataset(shards_dir: str | Path, split: str, space: LabelSpace, pre: P
     # what keeps the reads from taking every CPU (without it, 5,216 Kermany shards rows took 330 s
     # for one epoch instead of 1.8 s, 2026-12-07).
     ds = _read_shards(split_dir, shuffle="files" if shuffle else None)
-    rows = _rows_per_task(int(info["images"].get(split, 0)), batch_size)
+    rows = _rows_per_task(int(info["images"].get(split, 0)), batch_size, pre.size)
     return ds.map_batches(decode_shard_rows, batch_size=rows, batch_format="numpy",
                           fn_kwargs={"pre": pre, "aug": aug, "label_cols": list(space.columns),
                                      "targets": _targets(space, targets)})

@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -143,11 +144,11 @@ def train_loop_per_worker(config: dict) -> None:
     run_dir = config["run_dir"]  # local or a URI: artifacts go through storage, never a node's own disk
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
+    epoch_batches = _epoch_batches(train_shard, cfg, config["train_passes"], config["n_train"], world)
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.scheduler == "cosine":
             set_lr(optimizer, cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.warmup_epochs))
-        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, prefetch_batches=2,
-                                                 local_shuffle_buffer_size=4 * cfg.batch_size)
+        batches = next(epoch_batches)
         stats = train_one_epoch(model, batches, optimizer, loss_fn, device=device, precision=precision,
                                 scaler=scaler, grad_clip=cfg.grad_clip, channels_last=channels_last,
                                 max_steps=cfg.max_steps_per_epoch,
@@ -203,6 +204,32 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 log.info("early stopping: no val mean AUROC gain for %d epochs", stale)
             break
+
+
+def _epoch_batches(shard, cfg: TrainConfig, passes: int, n_train: int, world: int) -> Iterator[Iterable]:
+    """Each epoch's training batches.
+
+    passes > 1 (raw files, `data.files_dataset(epochs=...)`): one execution feeds the whole run,
+    and an epoch is the next n_train / world rows of it (the dataset keeps its passes in order,
+    so that is one pass). A resumed run starts over at the first pass and stops early, which is
+    the same data in another seeded order. passes == 1 (shards): the dataset is executed again
+    every epoch.
+    """
+    def one_pass(local_shuffle: bool = True):
+        return shard.iter_torch_batches(batch_size=cfg.batch_size, prefetch_batches=2,
+                                        local_shuffle_buffer_size=4 * cfg.batch_size if local_shuffle else None)
+
+    if passes == 1:
+        while True:
+            yield one_pass()
+    # Each pass is already a seeded permutation of every row: a local buffer would add nothing
+    # but rows carried across the epoch boundary.
+    from cxrray.data import BatchStream
+
+    rows = BatchStream(one_pass(local_shuffle=False))
+    per_epoch = math.ceil(n_train / world)  # streaming_split gives each rank n/world rows
+    while True:
+        yield rows.take(per_epoch)
 
 
 def _epoch_progress(epoch: int, cfg: TrainConfig, n_train: int, rank: int, world: int) -> Progress:
@@ -367,7 +394,7 @@ def train_one(cfg: TrainConfig) -> TrainResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cxrray.data import files_dataset, shards_dataset
+    from cxrray.data import files_dataset, ordered_ingest, shards_dataset
 
     start = time.time()
     # Before Ray starts: a missing bucket or refused credentials is one line, not a worker traceback.
@@ -402,10 +429,13 @@ def train_one(cfg: TrainConfig) -> TrainResult:
         train_ds = shards_dataset(cfg.shards_dir, "train", data_space, pre, aug, cfg.batch_size, shuffle=True,
                                   targets=train_targets)
         valid_ds = shards_dataset(cfg.shards_dir, "valid", data_space, pre, None, 128, targets=valid_targets)
+        train_passes = 1
     else:
         # shuffle: manifests come in folder/patient order (Kermany's is sorted by class).
+        # Every epoch in one dataset: one Ray Data execution for the run (see files_dataset).
         train_ds = files_dataset(train_df, data_space, pre, aug, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                 targets=train_targets)
+                                 targets=train_targets, epochs=cfg.epochs)
+        train_passes = cfg.epochs
         valid_ds = files_dataset(valid_df, data_space, pre, None, 128, targets=valid_targets)
     cells = list(data_space.columns)
     weights = ClassWeights.from_labels(train_targets(train_df[cells].to_numpy(np.float32)))
@@ -418,12 +448,15 @@ def train_one(cfg: TrainConfig) -> TrainResult:
     track = tracking.start(cfg, run_dir, {"n_train": len(train_df), "n_valid": len(valid_df),
                                           "fingerprint": data_fingerprint(df), "labels": ",".join(space.names)})
     gpu = use_gpu(cfg)
+    # Raw files: the passes stay in order through Train's split (an epoch is one pass).
+    ingest = {"train": ordered_ingest()} if train_passes > 1 else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": to_dict(cfg), "space": space.to_dict(), "preprocess": pre.to_dict(),
             "class_weights": {"pos": weights.pos, "neg": weights.neg}, "run_dir": run_dir,
             "fingerprint": data_fingerprint(df), "n_train": len(train_df), "n_valid": len(valid_df),
+            "train_passes": train_passes,  # > 1: one dataset holds every epoch (_epoch_batches)
             "labels": labels,  # the policies, recorded in model.json
             "tracking": track,  # MLflow: rank 0 logs each epoch to this run (None: tracking off)
             "verbose": console.verbose(),  # -v: Ray's own lines on the workers too
@@ -437,7 +470,7 @@ def train_one(cfg: TrainConfig) -> TrainResult:
                              logging_config=console.train_logging_config()),
         datasets={"train": train_ds, "valid": valid_ds},
         # valid is not split: rank 0 scores all of it so AUROC sees every image once.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
     log.info("training %s on %d train / %d valid images, %d workers (%s), run dir %s", cfg.model, len(train_df),
              len(valid_df), cfg.num_workers, "GPU" if gpu else "CPU", run_dir)

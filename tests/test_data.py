@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrray.data import files_dataset, prepare_shards, read_shard_info, shards_dataset
+from cxrray.data import MAX_TASK_BYTES, BatchStream, _rows_per_task, files_dataset, prepare_shards, \
+    read_shard_info, shards_dataset
 from cxrray.labels import Policy, TargetMap, UncertaintyConfig
 from cxrray.manifest import read_manifest, write_manifest
 from cxrray.sources import load_source
@@ -94,6 +95,65 @@ def test_only_the_files_pipeline_gives_up_ray_datas_resource_reservation(ray_ses
     shards = shards_dataset(tmp_path / "shards", "train", space, pre, None, shuffle=True)
     assert shards.context.op_resource_reservation_enabled == before
     assert len(_collect(files)[0]) == int((df["split"] == "train").sum())  # and it still reads every image
+
+
+def _fingerprints(images: np.ndarray) -> list[bytes]:
+    return [im.tobytes() for im in images]
+
+
+def _epochs(ds, n: int, epochs: int, batch_size: int = 7) -> list[list[bytes]]:
+    """The images of each epoch, in order, taken n rows at a time as the train loop takes them."""
+    stream = BatchStream(ds.iter_torch_batches(batch_size=batch_size))
+    return [_fingerprints(np.concatenate([b["image"].numpy() for b in stream.take(n)])) for _ in range(epochs)]
+
+
+def test_one_execution_holds_every_epoch_each_a_seeded_pass_over_every_image(ray_session, small_manifest):
+    """Training reads all its epochs from one dataset (one Ray Data execution). Each epoch must be
+    exactly one pass over the images, in an order of its own, and the same seed must give the same
+    order (a reproducible run)."""
+    df, space = small_manifest
+    train = df[df["split"] == "train"]
+    pre = Preprocess(size=32, channels=1)
+    one_pass, _ = _collect(files_dataset(train, space, pre, None))
+    every_image = sorted(_fingerprints(one_pass))
+    assert len(set(every_image)) == len(train)  # distinct pictures: a fingerprint names one image
+
+    seeded = _epochs(files_dataset(train, space, pre, None, 8, shuffle=True, seed=5, epochs=3), len(train), 3)
+    for epoch in seeded:
+        assert sorted(epoch) == every_image  # every image once: none lost, none twice
+    assert seeded[0] != seeded[1] != seeded[2]  # reshuffled every epoch
+    assert seeded == _epochs(files_dataset(train, space, pre, None, 8, shuffle=True, seed=5, epochs=3), len(train), 3)
+    other = _epochs(files_dataset(train, space, pre, None, 8, shuffle=True, seed=6, epochs=3), len(train), 3)
+    assert other != seeded
+    # Without shuffle: manifest order, every pass.
+    plain = _epochs(files_dataset(train, space, pre, None, 8, epochs=2), len(train), 2)
+    assert plain[0] == plain[1] == _fingerprints(one_pass)
+    with pytest.raises(ValueError, match="epochs"):
+        files_dataset(train, space, pre, None, epochs=0)
+
+
+def test_batch_stream_cuts_the_batch_that_spans_two_epochs_and_keeps_its_rest():
+    batches = [{"image": np.arange(a, min(a + 4, 10)), "labels": -np.arange(a, min(a + 4, 10))} for a in range(0, 10, 4)]
+    stream = BatchStream(iter(batches))
+    first = list(stream.take(6))
+    assert [b["image"].tolist() for b in first] == [[0, 1, 2, 3], [4, 5]]
+    second = list(stream.take(6))  # 4 rows are left: the take ends with the stream
+    assert [b["image"].tolist() for b in second] == [[6, 7], [8, 9]]
+    assert [b["labels"].tolist() for b in second] == [[-6, -7], [-8, -9]]  # every key cut alike
+    assert list(stream.take(3)) == []
+
+
+def test_decode_tasks_hold_enough_rows_to_pay_for_a_task_and_no_more_than_the_memory_cap():
+    # A single pass: two tasks per CPU, so the last ones balance.
+    assert _rows_per_task(1000, 32, 224, cpus=2) == 250
+    # Across passes: one per CPU (the next pass fills CPUs that fall idle).
+    assert _rows_per_task(1000, 32, 224, cpus=2, tasks_per_cpu=1) == 500
+    # Never fewer rows than a batch.
+    assert _rows_per_task(40, 32, 224, cpus=16) == 32
+    # A task's output is capped in bytes, so larger images get fewer rows.
+    assert _rows_per_task(10**6, 32, 224, cpus=2) == MAX_TASK_BYTES // (224 * 224) == 1337
+    assert _rows_per_task(10**6, 32, 512, cpus=2) == 256
+    assert _rows_per_task(10**6, 512, 1024, cpus=2) == 512  # ...but a batch still fits in one
 
 
 def test_shards_round_trip_and_match_raw(ray_session, small_manifest, tmp_path):
