@@ -1,21 +1,29 @@
 """Input-pipeline benchmark (not a test): images/s of decode -> resize -> normalise.
 
-Four ways over the same files, side by side in one run, results to benchmarks/results/data.md:
+The ways over the same files, side by side in one run, results to benchmarks/results/data.md:
 
-  single      one process, `transforms.load_resized` (the model-input decode; x cores = CPU limit)
-  dataloader  torch DataLoader, --cpus worker processes doing exactly that decode
-  ray_files   `cxrray.data.files_dataset(aug=None)` on a local Ray with --cpus CPUs
-  ray_shards  `cxrray.data.shards_dataset` over Parquet shards written once by `prepare_shards`
+  single            one process, `transforms.load_resized` (the model-input decode; x cores = CPU limit)
+  dataloader        torch DataLoader, --cpus persistent worker processes doing exactly that decode
+  ray_files         `cxrray.data.files_dataset(aug=None, epochs=--epochs)` on a local Ray with
+                    --cpus CPUs: one execution for every epoch, taken an epoch at a time, as training
+                    takes it (train.py)
+  ray_files_1pass   the same pipeline with epochs=1, executed again for every epoch (training before
+                    2026-12-07, and validation now)
+  ray_shards        `cxrray.data.shards_dataset` over Parquet shards written once by `prepare_shards`
 
 With --before, also the pipeline as `cxrray.data` built it before this benchmark: 32-row decode
 tasks, and shards through Ray's default (V2) Parquet reader.
 
 Every consumer normalises the uint8 batch to float ((x/255 - 0.5) / 0.25), as `models.CXRModel`
-does. Each method first runs one untimed warm-up epoch (worker start-up, page cache); then the
-methods run interleaved, one epoch each per round, so machine noise hits them alike; medians
-are reported. Ray's per-epoch cost is the whole pipeline re-executed, as in training.
+does. A method is timed as a training run uses it: --epochs epochs back to back, start-up
+included (the DataLoader's persistent workers, Ray's pipeline), after one untimed epoch of every
+method that starts worker processes and warms the page cache. The rate is the run's images over
+its seconds: per-epoch times mean little for a pipeline that runs ahead across epochs. Methods
+run one after another, not interleaved (a pipeline that runs on in the background would take
+CPU from the method being timed); --repeats runs each, and medians are reported. Run it on an
+idle machine.
 
-    python benchmarks/bench_data.py --cpus 2 --rounds 5 --sets nih kermany:1000 kermany:5216 --before
+    python benchmarks/bench_data.py --cpus 2 --epochs 10 --repeats 3 --sets nih kermany:1000 kermany:5216
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -36,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _report import environment, publish  # noqa: E402
+from cxrray.data import BatchStream  # noqa: E402
 from cxrray.labels import LabelSpace  # noqa: E402
 from cxrray.transforms import Preprocess, load_resized  # noqa: E402
 
@@ -97,17 +107,18 @@ def _legacy(ds, rows: int, pre: Preprocess, fn):
 class Methods:
     """One epoch of each method; construction does the one-off work (shards, loader, datasets)."""
 
-    def __init__(self, paths: list[str], pre: Preprocess, cpus: int, batch: int, work: Path):
+    def __init__(self, paths: list[str], pre: Preprocess, cpus: int, batch: int, epochs: int, work: Path):
         import ray
 
         from cxrray.data import _read_shards, decode_files, decode_shard_rows, files_dataset, prepare_shards, \
             shards_dataset
 
         self.paths, self.pre, self.batch = paths, pre, batch
-        self.loader = torch.utils.data.DataLoader(FileDataset(paths, pre), batch_size=batch, num_workers=cpus,
-                                                  persistent_workers=True)
+        self.cpus = cpus
         df = frame(paths)
-        self.ds = {"ray_files": files_dataset(df, SPACE, pre, None, batch)}
+        self.n_epochs = epochs
+        self.ds = {"ray_files": files_dataset(df, SPACE, pre, None, batch, epochs=self.n_epochs),
+                   "ray_files_1pass": files_dataset(df, SPACE, pre, None, batch)}
         t0 = time.perf_counter()
         info = prepare_shards(df, SPACE, work / "shards", size=pre.size, progress=False)
         self.prepare_s = time.perf_counter() - t0
@@ -122,39 +133,60 @@ class Methods:
         self.ds["ray_shards_before"] = _legacy(ray.data.read_parquet(str(shard_dir)), batch, pre, decode_shard_rows)
         self.ds["ray_shards_v1_32rows"] = _legacy(_read_shards(shard_dir), batch, pre, decode_shard_rows)
 
-    def run(self, method: str) -> tuple[int, float]:
-        if method == "single":
-            return run_single(self.paths, self.pre, self.batch)
-        if method == "dataloader":
-            return consume(self.loader)
-        return consume(self.ds[method].iter_torch_batches(batch_size=self.batch))
+    def epochs(self, method: str) -> Iterator[tuple[int, float]]:
+        """(images, seconds to the first batch) of each of n_epochs epochs, timed by the caller."""
+        if method == "ray_files":  # one execution: each epoch is the next len(paths) rows
+            run = BatchStream(self.ds[method].iter_torch_batches(batch_size=self.batch))
+            for _ in range(self.n_epochs):
+                yield consume(run.take(len(self.paths)))
+            return
+        if method == "dataloader":  # a run's own workers, kept across its epochs, as a training script has
+            loader = torch.utils.data.DataLoader(FileDataset(self.paths, self.pre), batch_size=self.batch,
+                                                 num_workers=self.cpus, persistent_workers=True)
+            for _ in range(self.n_epochs):
+                yield consume(loader)
+            del loader
+            return
+        for _ in range(self.n_epochs):
+            if method == "single":
+                yield run_single(self.paths, self.pre, self.batch)
+            else:
+                yield consume(self.ds[method].iter_torch_batches(batch_size=self.batch))
 
 
-METHODS = ("single", "dataloader", "ray_files", "ray_shards")
+METHODS = ("single", "dataloader", "ray_files", "ray_files_1pass", "ray_shards")
 BEFORE = ("ray_files_before", "ray_shards_before", "ray_shards_v1_32rows")
 
 
 def bench_set(name: str, paths: list[str], args: argparse.Namespace, work: Path) -> dict:
     pre = Preprocess(size=args.size, channels=1)
-    m = Methods(paths, pre, args.cpus, args.batch, work / name)
+    m = Methods(paths, pre, args.cpus, args.batch, args.epochs, work / name)
     methods = METHODS + (BEFORE if args.before else ())
+    for k in methods:  # untimed: worker processes up and importing, page cache warm
+        next(m.epochs(k if k != "ray_files" else "ray_files_1pass"))
     runs: dict[str, list[dict]] = {k: [] for k in methods}
-    for r in range(args.rounds + 1):  # round 0: warm-up, not recorded
-        rates = {}
+    for rep in range(args.repeats):
         for k in methods:
             t0 = time.perf_counter()
-            n, first = m.run(k)
-            secs = time.perf_counter() - t0
-            assert n == len(paths), (k, n, len(paths))
-            rates[k] = round(n / secs, 1)
-            if r:
-                runs[k].append({"seconds": secs, "images_per_s": n / secs, "first_batch_s": first})
-        log.info("%s %s: %s", name, f"round {r}" if r else "warm-up", rates)
+            ends = []
+            for n, first in m.epochs(k):
+                assert n == len(paths), (k, n, len(paths))
+                ends.append(time.perf_counter() - t0)
+                if len(ends) == 1:
+                    first_batch = first
+            runs[k].append({"seconds": ends[-1], "images_per_s": len(paths) * len(ends) / ends[-1],
+                            "first_batch_s": first_batch, "first_epoch_s": ends[0]})
+        log.info("%s repeat %d: %s", name, rep + 1, {k: round(v[-1]["images_per_s"]) for k, v in runs.items()})
     med = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in runs.items()}
     ips = {k: med[k]["images_per_s"] for k in methods}
-    return {"set": name, "images": len(paths), "prepare_shards_s": m.prepare_s, "n_shards": m.n_shards,
-            "median": med, "cpu_limit_images_per_s": ips["single"] * args.cpus,
+    limit = ips["single"] * args.cpus
+    return {"set": name, "images": len(paths), "epochs_per_run": m.n_epochs,
+            "prepare_shards_s": m.prepare_s, "n_shards": m.n_shards,
+            "median": med, "cpu_limit_images_per_s": limit,
+            "core_scaling_ray_files": ips["ray_files"] / limit,
+            "core_scaling_dataloader": ips["dataloader"] / limit,
             "ratio_ray_files_vs_dataloader": ips["ray_files"] / ips["dataloader"],
+            "ratio_ray_files_1pass_vs_dataloader": ips["ray_files_1pass"] / ips["dataloader"],
             "ratio_ray_shards_vs_dataloader": ips["ray_shards"] / ips["dataloader"],
             "ratio_shards_vs_files": ips["ray_shards"] / ips["ray_files"],
             "runs": {k: [round(x["images_per_s"], 1) for x in v] for k, v in runs.items()}}
@@ -187,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--cpus", type=int, default=2, help="DataLoader workers = Ray CPUs")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=10, help="epochs in one timed run (a training run's)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method; medians are reported")
     p.add_argument("--before", action="store_true",
                    help="also time the pipeline as cxrray.data built it before this benchmark (see BEFORE)")
     p.add_argument("--out", default=None, help="write the JSON result here too")
@@ -214,12 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         results = [bench_set(s.replace(":", "_"), files(s), args, work) for s in args.sets]
-        overhead = ray_overhead(args.rounds)
+        overhead = ray_overhead(5)
         log.info("Ray Data fixed costs: %s", overhead)
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    return publish({"bench": "data", "cpus": args.cpus, "batch": args.batch, "size": args.size, "rounds": args.rounds,
+    return publish({"bench": "data", "cpus": args.cpus, "batch": args.batch, "size": args.size,
+                    "epochs": args.epochs, "repeats": args.repeats,
                     **environment(ray=ray.__version__, torch=torch.__version__), "ray_data_overhead": overhead,
                     "results": results}, args.out)
 
