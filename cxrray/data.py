@@ -48,9 +48,11 @@ def _targets(space: LabelSpace, targets: TargetMap | None) -> TargetMap:
 
 
 def _keep_good(images: list, labels: np.ndarray, errors: list[str], size: int) -> dict:
-    """Unreadable files become a logged error record and leave the batch (training can't use them)."""
-    for e in errors:
-        log.warning("skipping unreadable training image: %s", e)
+    """Unreadable files leave the batch (training can't use them), with one warning per block:
+    a moved data root makes every file fail, every epoch, and a line per file buried the rest."""
+    if errors:
+        log.warning("skipping unreadable training images: %d of %d in this block; first: %s",
+                    len(errors), len(images), errors[0])
     keep = [i for i, im in enumerate(images) if im is not None]
     out = {
         "image": np.stack([images[i] for i in keep]) if keep else np.zeros((0, 1, size, size), np.uint8),

@@ -253,7 +253,7 @@ def _check_images_were_read(row: dict, cfg: TrainConfig) -> None:
         if row[f"{split}_images"] == 0:
             raise NoReadableImages(
                 f"epoch {row['epoch']}: not one {split} image of {cfg.manifest} could be read (see the "
-                f"'skipping unreadable training image' warnings): check that the manifest's paths exist on "
+                f"'skipping unreadable training images' warnings): check that the manifest's paths exist on "
                 f"every node")
 
 

@@ -74,6 +74,23 @@ def test_unreadable_file_is_skipped_not_fatal(ray_session, small_manifest, tmp_p
     assert len(images) == 4 and len(labels) == 4
 
 
+def test_unreadable_files_of_a_block_make_one_warning_not_one_each(small_manifest, tmp_path, caplog):
+    """A moved data root fails every file of every epoch: one line per block, with a count."""
+    import logging
+
+    from cxrray.data import decode_files
+
+    df, space = small_manifest
+    rows = df[df["split"] == "test"].head(4)
+    batch = {c: rows[c].to_numpy() for c in ["image_id", "path", *space.columns]}
+    batch["path"] = np.array([str(tmp_path / "gone" / f"{i}.png") for i in range(3)] + [batch["path"][3]], dtype=object)
+    with caplog.at_level(logging.WARNING, logger="cxrray.data"):
+        out = decode_files(batch, pre=Preprocess(size=32, channels=1), aug=None, label_cols=list(space.columns))
+    assert out["image"].shape == (1, 1, 32, 32) and out["labels"].shape == (1, space.num_classes)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipping unreadable training images: 3 of 4 in this block" in warnings[0], warnings
+
+
 def test_only_the_files_pipeline_gives_up_ray_datas_resource_reservation(ray_session, small_manifest, tmp_path):
     """Files: paths -> one decode map, nothing downstream to reserve for; with Ray 2.60's
     reservation on, its decode tasks ran one at a time on 2 CPUs (benchmarks/results/data.md).
