@@ -173,10 +173,10 @@ def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Aug
     DataLoader (benchmarks/results/data.md). The consumer takes an epoch's worth of batches at a
     time (train.py), and the next pass's tasks fill the CPUs while an epoch ends.
 
-    shuffle (training): every pass reads the rows in its own order, seeded by (seed, pass), so
-    batches differ from epoch to epoch and a run is reproducible; the train loop's local shuffle
-    buffer mixes further. Without it, a manifest in folder order (Kermany's: every NORMAL, then
-    every PNEUMONIA) trains on one class at a time.
+    shuffle (training): every pass reads the rows in its own order, a permutation of all of them
+    seeded by (seed, pass), so batches differ from epoch to epoch and a run's data order is
+    reproducible (augmentation draws are not). Without it, a manifest in folder order (Kermany's:
+    every NORMAL, then every PNEUMONIA) trains on one class at a time.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")

@@ -211,9 +211,10 @@ def _epoch_batches(shard, cfg: TrainConfig, passes: int, n_train: int, world: in
 
     passes > 1 (raw files, `data.files_dataset(epochs=...)`): one execution feeds the whole run,
     and an epoch is the next n_train / world rows of it (the dataset keeps its passes in order,
-    so that is one pass). A resumed run starts over at the first pass and stops early, which is
-    the same data in another seeded order. passes == 1 (shards): the dataset is executed again
-    every epoch.
+    so that is one pass). With max_steps_per_epoch, an epoch stops early and the next goes on
+    from there. A resumed run reads the passes from the first again and stops early: each of
+    its epochs is still one whole pass, in the order an earlier epoch had. passes == 1 (shards, or a one-epoch run): the dataset is executed
+    every epoch, through a local shuffle buffer.
     """
     def one_pass(local_shuffle: bool = True):
         return shard.iter_torch_batches(batch_size=cfg.batch_size, prefetch_batches=2,
