@@ -136,6 +136,18 @@ def _context_set(name: str, value) -> Iterator[None]:
         setattr(ctx, name, previous)
 
 
+def probe_files(paths: Sequence[str], pre: Preprocess) -> tuple[int, str | None]:
+    """(how many of `paths` decode, the first failure's reason): a pre-flight look at a sample."""
+    readable, first = 0, None
+    for path in paths:
+        try:
+            load_resized(str(path), pre)
+            readable += 1
+        except ImageError as e:
+            first = first or f"{e.reason}: {e}"
+    return readable, first
+
+
 def _epoch_order(n: int, epoch: int, seed: int | None) -> np.ndarray:
     """The row order of one pass: a permutation drawn from (seed, epoch), identical in every
     task of that pass; None: manifest order."""

@@ -246,6 +246,30 @@ class NoReadableImages(RuntimeError):
     """An epoch decoded no training or no validation image: every file failed to load."""
 
 
+PROBE_FILES = 16
+
+
+def _probe_training_files(train_df: pd.DataFrame, pre: Preprocess, cfg: TrainConfig) -> None:
+    """Before a run on raw files: decode a seeded sample of its training files in one Ray task
+    (on the cluster, like the decode tasks, not on the driver, whose disks may differ), and stop
+    with NoReadableImages when not one of them reads (a moved data root, a wrong bucket).
+
+    The run holds every epoch in one execution (data.files_dataset(epochs=)), so it would
+    otherwise try every file of every epoch before its first epoch could end empty: on object
+    storage, a request per file per epoch.
+    """
+    import ray
+
+    from cxrray.data import probe_files
+
+    sample = train_df["path"].sample(n=min(PROBE_FILES, len(train_df)), random_state=cfg.seed).astype(str).tolist()
+    readable, first = ray.get(ray.remote(num_cpus=1)(probe_files).remote(sample, pre))
+    if sample and readable == 0:
+        raise NoReadableImages(
+            f"not one of {len(sample)} training images sampled from {cfg.manifest} could be read (first: {first}): "
+            f"check that the manifest's paths exist on every node")
+
+
 def _check_images_were_read(row: dict, cfg: TrainConfig) -> None:
     """Unreadable files are skipped one by one (data.decode_files); if that leaves nothing, stop
     instead of "training" on zero images for every epoch. Every rank sees the same broadcast
@@ -432,6 +456,7 @@ def train_one(cfg: TrainConfig) -> TrainResult:
         valid_ds = shards_dataset(cfg.shards_dir, "valid", data_space, pre, None, 128, targets=valid_targets)
         train_passes = 1
     else:
+        _probe_training_files(train_df, pre, cfg)
         # shuffle: manifests come in folder/patient order (Kermany's is sorted by class).
         # Every epoch in one dataset: one Ray Data execution for the run (see files_dataset).
         train_ds = files_dataset(train_df, data_space, pre, aug, cfg.batch_size, shuffle=True, seed=cfg.seed,

@@ -61,10 +61,12 @@ def test_verbose_brings_rays_lines_back(cli_data):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_workers_error_reaches_the_user(cli_data):
-    """Every image of the manifest missing: the train workers raise NoReadableImages; its
-    message (and the workers' warnings that lead to it) must not be filtered away."""
+    """Every validation image missing: the train workers raise NoReadableImages after the first
+    epoch; its message (and the workers' warnings that lead to it) must not be filtered away.
+    (Missing training images stop the run before the workers start: test_train.)"""
     df, space = read_manifest(cli_data / "manifest.parquet")
-    df["path"] = [str(cli_data / "gone" / Path(p).name) for p in df["path"]]
+    valid = df["split"] == "valid"
+    df.loc[valid, "path"] = [str(cli_data / "gone" / Path(p).name) for p in df.loc[valid, "path"]]
     broken = write_manifest(df, space, cli_data / "missing.parquet")
     proc = cxrray(cli_data, *train_args(cli_data, "broken", f"manifest={broken}", "epochs=1",
                                         "max_failures=0"))

@@ -216,10 +216,27 @@ def test_rerun_with_the_same_name_resumes_instead_of_starting_over(quality_run, 
     second = train(replace(cfg, storage_path=str(tmp_path), epochs=cfg.epochs + 1))
     assert [r["epoch"] for r in second.history] == list(range(1, cfg.epochs + 2))
     # The first epochs come from the checkpoint, not a retraining: their rows are unchanged
-    # (augmentation and block order are unseeded, so a second pass would give other losses).
+    # (augmentation is unseeded, so a second pass would give other losses).
     assert second.history[:-1] == first.history
     assert second.epochs_done == cfg.epochs + 1 and math.isfinite(second.history[-1]["train_loss"])
     assert len([d for d in Path(second.run_dir).glob("checkpoint_*") if d.is_dir()]) == 2  # num_to_keep=2
+
+
+@pytest.mark.ray
+def test_a_run_whose_training_files_all_fail_stops_before_training(ray_session, synthetic, tmp_path):
+    """A moved data root: every epoch is in one Ray Data execution, which would try every file of
+    every epoch before the first could end empty. A sample decoded on the cluster stops it first."""
+    from cxrray.train import NoReadableImages, train
+
+    df, space = read_manifest(synthetic / "manifest.parquet")
+    df["path"] = [str(tmp_path / "moved" / Path(p).name) for p in df["path"]]
+    moved = write_manifest(df, space, tmp_path / "moved.parquet")
+    cfg = demo_config(synthetic, f"manifest={moved}", f"storage_path={tmp_path / 'runs'}", "epochs=30",
+                      "run_name=moved")
+    with pytest.raises(NoReadableImages, match=r"not one of 16 training images sampled from .* could be read "
+                                               r"\(first: \w+: .*moved"):
+        train(cfg)
+    assert not list((tmp_path / "runs").glob("moved/checkpoint_*"))  # no epoch ran
 
 
 def test_an_epoch_that_read_no_image_stops_training():
