@@ -210,8 +210,10 @@ def _epoch_batches(shard, cfg: TrainConfig, passes: int, n_train: int, world: in
     """Each epoch's training batches.
 
     passes > 1 (raw files, `data.files_dataset(epochs=...)`): one execution feeds the whole run,
-    and an epoch is the next n_train / world rows of it (the dataset keeps its passes in order,
-    so that is one pass). With max_steps_per_epoch, an epoch stops early and the next goes on
+    and an epoch is the next ceil(n_train / world) rows of it: the dataset keeps its passes in
+    order, so that is one pass. (With n_train not a multiple of the worker count, each epoch
+    carries up to world - 1 rows of the next pass: 1, 2, 3 rows over 3 epochs of 91 images on
+    2 workers; the last epoch comes out short by as many.) With max_steps_per_epoch, an epoch stops early and the next goes on
     from there. A resumed run reads the passes from the first again and stops early: each of
     its epochs is still one whole pass, in the order an earlier epoch had. passes == 1 (shards, or a one-epoch run): the dataset is executed
     every epoch, through a local shuffle buffer.
