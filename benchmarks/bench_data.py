@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _report import environment, publish  # noqa: E402
-from cxrray.data import BatchStream  # noqa: E402
+from cxrray.data import PassStream, untagged  # noqa: E402
 from cxrray.labels import LabelSpace  # noqa: E402
 from cxrray.transforms import Preprocess, load_resized  # noqa: E402
 
@@ -135,10 +135,10 @@ class Methods:
 
     def epochs(self, method: str) -> Iterator[tuple[int, float]]:
         """(images, seconds to the first batch) of each of n_epochs epochs, timed by the caller."""
-        if method == "ray_files":  # one execution: each epoch is the next len(paths) rows
-            run = BatchStream(self.ds[method].iter_torch_batches(batch_size=self.batch))
-            for _ in range(self.n_epochs):
-                yield consume(run.take(len(self.paths)))
+        if method == "ray_files":  # one execution: epoch k is pass k of it, as train.py takes it
+            run = PassStream(self.ds[method].iter_torch_batches(batch_size=self.batch))
+            for k in range(self.n_epochs):
+                yield consume(untagged(b) for b in run.epoch(k))
             return
         if method == "dataloader":  # a run's own workers, kept across its epochs, as a training script has
             loader = torch.utils.data.DataLoader(FileDataset(self.paths, self.pre), batch_size=self.batch,

@@ -156,16 +156,30 @@ def _epoch_order(n: int, epoch: int, seed: int | None) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def decode_pass_blocks(batch: dict, *, frame: pd.DataFrame, bounds: np.ndarray, seed: int | None,
-                       **decode) -> dict:
+PASS = "pass"  # the column that tags each row of a multi-pass dataset with its pass
+
+
+def decode_pass_blocks(batch: dict, *, paths: np.ndarray, cells: np.ndarray, bounds: np.ndarray,
+                       seed: int | None, tag: bool, label_cols: Sequence[str], **decode) -> dict:
     """Task ids -> decoded rows. Task id k is block k % n_blocks of pass k // n_blocks; the
-    block's rows are a slice of that pass's order (`_epoch_order`)."""
+    block's rows are a slice of that pass's order (`_epoch_order`). tag: a PASS column says
+    which pass each row belongs to.
+
+    paths (UTF-8, fixed width) and cells (float32) are plain arrays, not the manifest frame:
+    Ray hands them to every task from the object store without a copy, where a frame of
+    Python strings would be unpickled whole by each task.
+    """
     n_blocks = len(bounds) - 1
     parts = []
     for task in np.asarray(batch["id"], dtype=np.int64):
         epoch, block = divmod(int(task), n_blocks)
-        rows = frame.iloc[_epoch_order(len(frame), epoch, seed)[bounds[block]:bounds[block + 1]]]
-        parts.append(decode_files({c: rows[c].to_numpy() for c in rows.columns}, **decode))
+        rows = _epoch_order(len(paths), epoch, seed)[bounds[block]:bounds[block + 1]]
+        rows_batch = {"path": np.array([p.decode("utf-8") for p in paths[rows]], dtype=object),
+                      **{c: cells[rows, j] for j, c in enumerate(label_cols)}}
+        out = decode_files(rows_batch, label_cols=label_cols, **decode)
+        if tag:
+            out[PASS] = np.full(len(out["image"]), epoch, np.int32)
+        parts.append(out)
     if len(parts) == 1:
         return parts[0]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -178,22 +192,24 @@ def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Aug
     One decode task per block of rows, sized by `_rows_per_task`, so decoding spreads over all
     CPUs; `batch_size` is the smallest block, and training re-batches.
 
-    epochs (training): the dataset holds that many passes over the rows, one after another, so
-    one execution feeds the whole run. Ray Data starts a pipeline in ~40 ms and fills it a wave of
-    tasks later; re-executed every epoch, that start and the epoch's tail (the last tasks, when
-    CPUs fall idle) came back every epoch, and short epochs ran at 0.93x a persistent-worker
-    DataLoader (benchmarks/results/data.md). The consumer takes an epoch's worth of batches at a
-    time (train.py), and the next pass's tasks fill the CPUs while an epoch ends.
+    epochs > 1 (training): the dataset holds that many passes over the rows, one after another,
+    so one execution feeds the whole run, and each row carries its pass in a PASS column
+    (`PassStream` takes them an epoch at a time). Ray Data starts a pipeline in ~40 ms and fills
+    it a wave of tasks later; re-executed every epoch, that start and the epoch's tail (the last
+    tasks, when CPUs fall idle) came back every epoch, and short epochs ran at 0.93x a
+    persistent-worker DataLoader (benchmarks/results/data.md). Now the next pass's tasks fill
+    the CPUs while an epoch ends.
 
     shuffle (training): every pass reads the rows in its own order, a permutation of all of them
-    seeded by (seed, pass), so batches differ from epoch to epoch and a run's data order is
-    reproducible (augmentation draws are not). Without it, a manifest in folder order (Kermany's:
-    every NORMAL, then every PNEUMONIA) trains on one class at a time.
+    seeded by (seed, pass), so batches differ from epoch to epoch and an uninterrupted run's data
+    order is reproducible (augmentation draws are not). Without it, a manifest in folder order
+    (Kermany's: every NORMAL, then every PNEUMONIA) trains on one class at a time.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    cols = ["image_id", "path", *space.columns]
-    frame = df[cols].reset_index(drop=True)
+    frame = df.reset_index(drop=True)
+    paths = np.array([str(p).encode("utf-8") for p in frame["path"]], dtype=bytes)
+    cells = frame[list(space.columns)].to_numpy(np.float32).reshape(len(frame), len(space.columns))
     if shuffle and seed is None:
         seed = int(np.random.default_rng().integers(2**31))  # drawn once: every task of a pass agrees
     rows = _rows_per_task(len(frame), batch_size, pre.size, tasks_per_cpu=1 if epochs > 1 else 2)
@@ -210,37 +226,52 @@ def files_dataset(df: pd.DataFrame, space: LabelSpace, pre: Preprocess, aug: Aug
         # map), so a long run holds no copy of the paths per pass.
         tasks = ray.data.range(epochs * n_blocks, override_num_blocks=epochs * n_blocks)
     ds = tasks.map_batches(decode_pass_blocks, batch_size=None, batch_format="numpy",
-                           fn_kwargs={"frame": frame, "bounds": bounds, "seed": seed if shuffle else None,
+                           fn_kwargs={"paths": paths, "cells": cells, "bounds": bounds,
+                                      "seed": seed if shuffle else None, "tag": epochs > 1,
                                       "pre": pre, "aug": aug, "label_cols": list(space.columns),
                                       "targets": _targets(space, targets)})
-    # Blocks come out in task order, so an epoch's worth of rows is exactly one pass and the order
-    # is the seeded one; measured at no cost (benchmarks/results/data.md). Ray Train replaces a
-    # dataset's execution options with its own, so train.py asks for the same (ordered_ingest).
+    # Blocks come out in task order, so each worker sees the passes one after another (PassStream
+    # relies on it) and the order is the seeded one; measured at no cost on local files
+    # (benchmarks/results/data.md). Ray Train replaces a dataset's execution options with its
+    # own, so train.py asks for the same (ordered_ingest). The price: Train's split stops
+    # preferring a worker's own node for a block, and a slow task holds back the ones after it.
     ds.context.execution_options.preserve_order = True
     return ds
 
 
-class BatchStream:
-    """A stream of batch dicts taken n rows at a time (an epoch of a multi-pass dataset): the
-    batch that spans two takes is cut, and its rest opens the next take, so no row is lost or
-    read twice. A take ends early when the stream does."""
+class PassStream:
+    """The batches of a multi-pass dataset (rows tagged with their PASS, in pass order), taken
+    one epoch at a time: epoch k is every row of passes up to k not taken yet.
+
+    A batch that spans two passes is cut at the boundary, and its rest opens the next epoch.
+    A row left over from an earlier pass (one worker may hold a few more rows of a pass than
+    another, see train._in_lockstep) opens the next epoch too: nothing is lost or read twice.
+    Batches come out with their PASS column, which `untagged` removes.
+    """
 
     def __init__(self, batches: Iterable[dict]):
-        self._batches, self._rest = iter(batches), None
+        self._batches, self._held = iter(batches), []
 
-    def take(self, n: int) -> Iterator[dict]:
-        while n > 0:
-            if self._rest is not None:
-                batch, self._rest = self._rest, None
-            else:
-                batch = next(self._batches, None)
-                if batch is None:
-                    return
-            size = len(batch["image"])
-            if size > n:
-                batch, self._rest = {k: v[:n] for k, v in batch.items()}, {k: v[n:] for k, v in batch.items()}
-            n -= len(batch["image"])
+    def epoch(self, k: int) -> Iterator[dict]:
+        while True:
+            batch = self._held.pop() if self._held else next(self._batches, None)
+            if batch is None:
+                return
+            cut = int(np.searchsorted(np.asarray(batch[PASS]), k, side="right"))  # tags never decrease
+            if cut < len(batch[PASS]):
+                self.put_back({name: v[cut:] for name, v in batch.items()})
+                if cut:
+                    yield {name: v[:cut] for name, v in batch.items()}
+                return
             yield batch
+
+    def put_back(self, batch: dict) -> None:
+        """A batch taken but not used: it comes out first next time."""
+        self._held.append(batch)
+
+
+def untagged(batch: dict) -> dict:
+    return {name: v for name, v in batch.items() if name != PASS}
 
 
 def ordered_ingest():

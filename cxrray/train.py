@@ -8,6 +8,7 @@ artifacts; every rank calls `ray.train.report` once per epoch.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -144,7 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
     run_dir = config["run_dir"]  # local or a URI: artifacts go through storage, never a node's own disk
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
-    epoch_batches = _epoch_batches(train_shard, cfg, config["train_passes"], config["n_train"], world)
+    epoch_batches = _epoch_batches(train_shard, cfg, config["train_passes"], world, device)
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.scheduler == "cosine":
             set_lr(optimizer, cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.warmup_epochs))
@@ -206,33 +207,52 @@ def train_loop_per_worker(config: dict) -> None:
             break
 
 
-def _epoch_batches(shard, cfg: TrainConfig, passes: int, n_train: int, world: int) -> Iterator[Iterable]:
+def _epoch_batches(shard, cfg: TrainConfig, passes: int, world: int, device: torch.device) -> Iterator[Iterable]:
     """Each epoch's training batches.
 
-    passes > 1 (raw files, `data.files_dataset(epochs=...)`): one execution feeds the whole run,
-    and an epoch is the next ceil(n_train / world) rows of it: the dataset keeps its passes in
-    order, so that is one pass. (With n_train not a multiple of the worker count, each epoch
-    carries up to world - 1 rows of the next pass: 1, 2, 3 rows over 3 epochs of 91 images on
-    2 workers; the last epoch comes out short by as many.) With max_steps_per_epoch, an epoch stops early and the next goes on
-    from there. A resumed run reads the passes from the first again and stops early: each of
-    its epochs is still one whole pass, in the order an earlier epoch had. passes == 1 (shards, or a one-epoch run): the dataset is executed
-    every epoch, through a local shuffle buffer.
-    """
-    def one_pass(local_shuffle: bool = True):
-        return shard.iter_torch_batches(batch_size=cfg.batch_size, prefetch_batches=2,
-                                        local_shuffle_buffer_size=4 * cfg.batch_size if local_shuffle else None)
+    passes > 1 (raw files, `data.files_dataset(epochs=...)`): one execution feeds the whole run;
+    epoch k is pass k of it, the rows tagged k (`data.PassStream`), whatever number of them a
+    pass turns out to hold after unreadable files. With several workers, each takes its own
+    rows of the pass, and the epoch ends on every worker when one of them has no more
+    (`_in_lockstep`). With max_steps_per_epoch, an epoch stops early and the next goes on from
+    there. A resumed run reads the passes from the first again and stops early: each of its
+    epochs is still one whole pass, in the order an earlier epoch had.
 
+    passes == 1 (shards, or a one-epoch run): the dataset is executed every epoch, through a
+    local shuffle buffer.
+    """
     if passes == 1:
         while True:
-            yield one_pass()
-    # Each pass is already a seeded permutation of every row: a local buffer would add nothing
-    # but rows carried across the epoch boundary.
-    from cxrray.data import BatchStream
+            yield shard.iter_torch_batches(batch_size=cfg.batch_size, prefetch_batches=2,
+                                           local_shuffle_buffer_size=4 * cfg.batch_size)
+    else:
+        from cxrray.data import PassStream
 
-    rows = BatchStream(one_pass(local_shuffle=False))
-    per_epoch = math.ceil(n_train / world)  # streaming_split gives each rank n/world rows
-    while True:
-        yield rows.take(per_epoch)
+        # No local shuffle buffer: each pass is already a seeded permutation of every row, and a
+        # buffer would carry rows across the pass boundary.
+        stream = PassStream(shard.iter_torch_batches(batch_size=cfg.batch_size, prefetch_batches=2))
+        for k in itertools.count():
+            yield _in_lockstep(stream.epoch(k), stream, world, device)
+
+
+def _in_lockstep(batches: Iterator[dict], stream, world: int, device: torch.device) -> Iterator[dict]:
+    """An epoch's batches while every worker still has one: DDP needs the same number of steps
+    on every rank, and Ray Train's split hands out whole blocks, so the workers' shares of a
+    pass differ by up to a block. Before each step the ranks agree (one small all-reduce); a
+    batch taken but not used goes back to the stream and opens the next epoch."""
+    from cxrray.data import untagged
+
+    for batch in itertools.chain(batches, [None]):
+        if world > 1:
+            have = torch.tensor([0 if batch is None else 1], dtype=torch.int32, device=device)
+            torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
+            if not have.item():
+                if batch is not None:
+                    stream.put_back(batch)
+                return
+        if batch is None:
+            return
+        yield untagged(batch)
 
 
 def _epoch_progress(epoch: int, cfg: TrainConfig, n_train: int, rank: int, world: int) -> Progress:

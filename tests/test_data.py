@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrray.data import MAX_TASK_BYTES, BatchStream, _rows_per_task, files_dataset, prepare_shards, \
-    read_shard_info, shards_dataset
+from cxrray.data import MAX_TASK_BYTES, PASS, PassStream, _rows_per_task, files_dataset, prepare_shards, \
+    read_shard_info, shards_dataset, untagged
 from cxrray.labels import Policy, TargetMap, UncertaintyConfig
 from cxrray.manifest import read_manifest, write_manifest
 from cxrray.sources import load_source
@@ -118,10 +118,16 @@ def _fingerprints(images: np.ndarray) -> list[bytes]:
     return [im.tobytes() for im in images]
 
 
-def _epochs(ds, n: int, epochs: int, batch_size: int = 7) -> list[list[bytes]]:
-    """The images of each epoch, in order, taken n rows at a time as the train loop takes them."""
-    stream = BatchStream(ds.iter_torch_batches(batch_size=batch_size))
-    return [_fingerprints(np.concatenate([b["image"].numpy() for b in stream.take(n)])) for _ in range(epochs)]
+def _epochs(ds, epochs: int, batch_size: int = 7) -> list[list[bytes]]:
+    """The images of each epoch, in order, taken as the train loop takes them (`PassStream`)."""
+    stream = PassStream(ds.iter_torch_batches(batch_size=batch_size))
+    out = []
+    for k in range(epochs):
+        batches = [untagged(b) for b in stream.epoch(k)]
+        assert all(set(b) == {"image", "labels"} for b in batches)
+        out.append(_fingerprints(np.concatenate([b["image"].numpy() for b in batches])))
+    assert list(stream.epoch(epochs)) == []  # nothing beyond the last pass
+    return out
 
 
 def test_one_execution_holds_every_epoch_each_a_seeded_pass_over_every_image(ray_session, small_manifest):
@@ -135,29 +141,49 @@ def test_one_execution_holds_every_epoch_each_a_seeded_pass_over_every_image(ray
     every_image = sorted(_fingerprints(one_pass))
     assert len(set(every_image)) == len(train)  # distinct pictures: a fingerprint names one image
 
-    seeded = _epochs(files_dataset(train, space, pre, None, 8, shuffle=True, seed=5, epochs=3), len(train), 3)
+    seeded = _epochs(files_dataset(train, space, pre, None, 8, shuffle=True, seed=5, epochs=3), 3)
     for epoch in seeded:
         assert sorted(epoch) == every_image  # every image once: none lost, none twice
-    assert seeded[0] != seeded[1] != seeded[2]  # reshuffled every epoch
-    assert seeded == _epochs(files_dataset(train, space, pre, None, 8, shuffle=True, seed=5, epochs=3), len(train), 3)
-    other = _epochs(files_dataset(train, space, pre, None, 8, shuffle=True, seed=6, epochs=3), len(train), 3)
+    assert seeded[0] != seeded[1] and seeded[1] != seeded[2] and seeded[0] != seeded[2]  # reshuffled every epoch
+    assert seeded == _epochs(files_dataset(train, space, pre, None, 8, shuffle=True, seed=5, epochs=3), 3)
+    other = _epochs(files_dataset(train, space, pre, None, 8, shuffle=True, seed=6, epochs=3), 3)
     assert other != seeded
     # Without shuffle: manifest order, every pass.
-    plain = _epochs(files_dataset(train, space, pre, None, 8, epochs=2), len(train), 2)
+    plain = _epochs(files_dataset(train, space, pre, None, 8, epochs=2), 2)
     assert plain[0] == plain[1] == _fingerprints(one_pass)
     with pytest.raises(ValueError, match="epochs"):
         files_dataset(train, space, pre, None, epochs=0)
 
 
-def test_batch_stream_cuts_the_batch_that_spans_two_epochs_and_keeps_its_rest():
-    batches = [{"image": np.arange(a, min(a + 4, 10)), "labels": -np.arange(a, min(a + 4, 10))} for a in range(0, 10, 4)]
-    stream = BatchStream(iter(batches))
-    first = list(stream.take(6))
-    assert [b["image"].tolist() for b in first] == [[0, 1, 2, 3], [4, 5]]
-    second = list(stream.take(6))  # 4 rows are left: the take ends with the stream
-    assert [b["image"].tolist() for b in second] == [[6, 7], [8, 9]]
-    assert [b["labels"].tolist() for b in second] == [[-6, -7], [-8, -9]]  # every key cut alike
-    assert list(stream.take(3)) == []
+def test_unreadable_files_leave_every_epoch_one_pass_of_the_rest(ray_session, small_manifest, tmp_path):
+    """An epoch is its pass's rows, however many decode: files that fail do not shift later
+    epochs, and the last epoch is as full as the first."""
+    df, space = small_manifest
+    train = df[df["split"] == "train"].copy()
+    train.iloc[:5, train.columns.get_loc("path")] = [str(tmp_path / f"moved{i}.png") for i in range(5)]
+    pre = Preprocess(size=32, channels=1)
+    readable = sorted(_fingerprints(_collect(files_dataset(train, space, pre, None))[0]))
+    assert len(readable) == len(train) - 5
+    for epoch in _epochs(files_dataset(train, space, pre, None, 8, shuffle=True, seed=1, epochs=6), 6):
+        assert sorted(epoch) == readable
+
+
+def test_pass_stream_cuts_at_the_pass_boundary_and_keeps_the_rest():
+    tags = [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2]  # three passes, batches of 4 that span them
+    batches = [{"image": np.arange(a, a + 4), PASS: np.array(tags[a:a + 4])} for a in range(0, 12, 4)]
+    stream = PassStream(iter(batches))
+    assert [b["image"].tolist() for b in stream.epoch(0)] == [[0, 1, 2, 3], [4, 5]]
+    first_of_1 = next(stream.epoch(1))
+    assert first_of_1["image"].tolist() == [6, 7]
+    stream.put_back(first_of_1)  # taken but not used (another rank ran out): it comes out first
+    epoch_1 = list(stream.epoch(1))
+    assert [b["image"].tolist() for b in epoch_1] == [[6, 7], [8, 9]]
+    assert [b[PASS].tolist() for b in epoch_1] == [[1, 1], [1, 1]]  # every column cut alike
+    assert [untagged(b)["image"].tolist() for b in stream.epoch(2)] == [[10, 11]]
+    assert list(stream.epoch(3)) == []
+    # A row left over from an earlier pass belongs to the next epoch taken.
+    late = PassStream(iter([{"image": np.array([0, 1, 2]), PASS: np.array([3, 4, 4])}]))
+    assert [b["image"].tolist() for b in late.epoch(4)] == [[0, 1, 2]]
 
 
 def test_decode_tasks_hold_enough_rows_to_pay_for_a_task_and_no_more_than_the_memory_cap():

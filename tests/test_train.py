@@ -222,6 +222,42 @@ def test_rerun_with_the_same_name_resumes_instead_of_starting_over(quality_run, 
     assert len([d for d in Path(second.run_dir).glob("checkpoint_*") if d.is_dir()]) == 2  # num_to_keep=2
 
 
+def _lockstep_rank(rank: int, port: int, passes: list[list[int]], out: str) -> None:
+    """One DDP rank (gloo) taking 3 epochs of its share of a stream through `_in_lockstep`; its
+    share is `passes[rank]`: the pass tag of each of its batches."""
+    import torch
+
+    from cxrray.data import PASS, PassStream
+    from cxrray.train import _in_lockstep
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        batches = [{"image": torch.tensor([10 * rank + i]), "labels": torch.zeros(1, 1), PASS: torch.tensor([k])}
+                   for i, k in enumerate(passes[rank])]
+        stream = PassStream(iter(batches))
+        epochs = [[int(b["image"][0]) for b in _in_lockstep(stream.epoch(k), stream, 2, torch.device("cpu"))]
+                  for k in range(3)]
+        Path(out, f"{rank}.json").write_text(json.dumps(epochs))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_takes_the_same_steps_an_epoch_though_their_shares_of_a_pass_differ(tmp_path):
+    """Ray Train's split hands out whole blocks, so one rank may hold more of a pass than another
+    (equal totals over the run). DDP hangs when ranks take different numbers of steps: the epoch
+    must end on both when one runs out, and the other's extra batches open its next epoch. Two
+    real processes, a real gloo all-reduce."""
+    import torch.multiprocessing as mp
+    from clusters import free_port
+
+    passes = [[0, 0, 0, 1, 1], [0, 0, 0, 0, 0]]  # rank 0: 3 batches of pass 0; rank 1: 5
+    mp.spawn(_lockstep_rank, args=(free_port(), passes, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert [len(e) for e in rank0] == [len(e) for e in rank1] == [3, 2, 0]
+    assert rank0 == [[0, 1, 2], [3, 4], []]
+    assert rank1 == [[10, 11, 12], [13, 14], []]  # its two extra pass-0 batches: next epoch, not lost
+
+
 @pytest.mark.ray
 def test_a_run_whose_training_files_all_fail_stops_before_training(ray_session, synthetic, tmp_path):
     """A moved data root: every epoch is in one Ray Data execution, which would try every file of
