@@ -1,9 +1,11 @@
 """Ray Data glue: manifest -> Dataset -> decode -> resize -> augment -> batch dicts.
 
-Batches are {"image": uint8 [N,1,S,S], "labels": float32 [N,K]}; normalisation happens in
-the model. "labels" are targets: the manifest's cells through a `TargetMap` (the training
-policy for the train split, the validation policy for valid), applied in the decode tasks. Two inputs: raw files (decoded each epoch) or Parquet shards written once by
-`prepare_shards` (decoded and resized), which skip the per-file open/decode cost.
+Batches are {"image": uint8 [N,1,S,S], "labels": float32 [N,K]}, and a multi-pass training
+dataset adds PASS (int32 [N]); normalisation happens in the model. "labels" are targets: the
+manifest's cells through a `TargetMap` (the training policy for the train split, the validation
+policy for valid), applied in the decode tasks. Two inputs: raw files (decoded each pass) or
+Parquet shards written once by `prepare_shards` (decoded and resized), which skip the per-file
+open/decode cost.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def _keep_good(images: list, labels: np.ndarray, errors: list[str], size: int) -
     """Unreadable files leave the batch (training can't use them), with one warning per block:
     a moved data root makes every file fail, every epoch, and a line per file buried the rest."""
     if errors:
-        log.warning("skipping unreadable training images: %d of %d in this block; first: %s",
+        log.warning("skipping unreadable images: %d of %d in this block; first: %s",
                     len(errors), len(images), errors[0])
     keep = [i for i, im in enumerate(images) if im is not None]
     out = {
@@ -103,8 +105,8 @@ def _rows_per_task(n_rows: int, batch_size: int, size: int = 224, cpus: int | No
     """Rows per decode task: `tasks_per_cpu` tasks per cluster CPU over n_rows, otherwise as many
     rows as a task's output may hold (MAX_TASK_BYTES), and never fewer than a batch.
 
-    Each Ray task carries a fixed cost (scheduling, the object-store round trip): about 26 ms on
-    an idle 2-core machine, as much as decoding 130 of Kermany's 224-px JPEGs. Tasks of 256 rows
+    Each Ray task carries a fixed cost (scheduling, the object-store round trip): 20-28 ms on
+    an idle 2-core machine, as much as decoding 100-140 of Kermany's 224-px JPEGs. Tasks of 256 rows
     spent a third of the raw-JPEG throughput on it (benchmarks/results/data.md). Two tasks per
     CPU balance the end of a single pass (validation, shards); across passes (training's
     `epochs`), the next pass's tasks fill the CPUs that fall idle, and one per CPU does better.

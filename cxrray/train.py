@@ -265,7 +265,8 @@ def _epoch_progress(epoch: int, cfg: TrainConfig, n_train: int, rank: int, world
 
 
 class NoReadableImages(RuntimeError):
-    """An epoch decoded no training or no validation image: every file failed to load."""
+    """Not one training or validation image could be read: every file of an epoch failed to
+    load, or every file of the pre-flight sample (`_probe_training_files`)."""
 
 
 PROBE_FILES = 16
@@ -300,7 +301,7 @@ def _check_images_were_read(row: dict, cfg: TrainConfig) -> None:
         if row[f"{split}_images"] == 0:
             raise NoReadableImages(
                 f"epoch {row['epoch']}: not one {split} image of {cfg.manifest} could be read (see the "
-                f"'skipping unreadable training images' warnings): check that the manifest's paths exist on "
+                f"'skipping unreadable images' warnings): check that the manifest's paths exist on "
                 f"every node")
 
 

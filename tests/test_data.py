@@ -88,7 +88,7 @@ def test_unreadable_files_of_a_block_make_one_warning_not_one_each(small_manifes
         out = decode_files(batch, pre=Preprocess(size=32, channels=1), aug=None, label_cols=list(space.columns))
     assert out["image"].shape == (1, 1, 32, 32) and out["labels"].shape == (1, space.num_classes)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "skipping unreadable training images: 3 of 4 in this block" in warnings[0], warnings
+    assert len(warnings) == 1 and "skipping unreadable images: 3 of 4 in this block" in warnings[0], warnings
 
 
 def test_only_the_files_pipeline_gives_up_ray_datas_resource_reservation(ray_session, small_manifest, tmp_path):
