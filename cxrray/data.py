@@ -9,6 +9,7 @@ open/decode cost.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -63,12 +64,12 @@ def _keep_good(images: list, labels: np.ndarray, errors: list[str], size: int) -
     return out
 
 
-def decode_files(batch: dict, *, pre: Preprocess, aug: Augment | None, label_cols: Sequence[str],
-                 targets: TargetMap | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+def _load_each(paths: Iterable, pre: Preprocess, aug: Augment | None = None, *,
+               max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list, list[str]]:
+    """Each path's model input (None where it fails) and the failures' reasons."""
     rng = np.random.default_rng()
     images, errors = [], []
-    for path in batch["path"]:
+    for path in paths:
         try:
             # The same decode as scoring and Serve (predict.decode_one): JPEG draft, integer resize.
             images.append(load_resized(str(path), pre, aug=aug, rng=rng, max_pixels=max_pixels,
@@ -76,6 +77,13 @@ def decode_files(batch: dict, *, pre: Preprocess, aug: Augment | None, label_col
         except ImageError as e:
             images.append(None)
             errors.append(f"{e.reason}: {e}")
+    return images, errors
+
+
+def decode_files(batch: dict, *, pre: Preprocess, aug: Augment | None, label_cols: Sequence[str],
+                 targets: TargetMap | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+    images, errors = _load_each(batch["path"], pre, aug, max_pixels=max_pixels, max_bytes=max_bytes)
     return _keep_good(images, _label_matrix(batch, label_cols, targets), errors, pre.size)
 
 
@@ -140,22 +148,18 @@ def _context_set(name: str, value) -> Iterator[None]:
 
 def probe_files(paths: Sequence[str], pre: Preprocess) -> tuple[int, str | None]:
     """(how many of `paths` decode, the first failure's reason): a pre-flight look at a sample."""
-    readable, first = 0, None
-    for path in paths:
-        try:
-            load_resized(str(path), pre)
-            readable += 1
-        except ImageError as e:
-            first = first or f"{e.reason}: {e}"
-    return readable, first
+    images, errors = _load_each(paths, pre)
+    return sum(im is not None for im in images), (errors[0] if errors else None)
 
 
+@functools.lru_cache(maxsize=2)
 def _epoch_order(n: int, epoch: int, seed: int | None) -> np.ndarray:
     """The row order of one pass: a permutation drawn from (seed, epoch), identical in every
-    task of that pass; None: manifest order."""
-    if seed is None:
-        return np.arange(n)
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    task of that pass; None: manifest order. Cached: a worker process runs many tasks of a pass,
+    and each would otherwise draw the whole permutation again for its slice (read-only)."""
+    order = np.arange(n) if seed is None else np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False  # shared by every task that hits the cache
+    return order
 
 
 PASS = "pass"  # the column that tags each row of a multi-pass dataset with its pass
