@@ -3,6 +3,7 @@ raises the right typed error naming its source. Files are generated here, in tmp
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 import zlib
@@ -357,6 +358,41 @@ def test_read_errors_name_the_path(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     with pytest.raises(imaging.EmptyImage, match="empty.png: empty file"):
         load_image(empty)
+
+
+def test_read_bytes_reads_past_the_size_fstat_gave_and_still_caps(tmp_path: Path) -> None:
+    """The read buffer is sized from fstat; a source longer than that (a file that grew, a named
+    pipe, whose fstat size is 0) is still read whole, and still refused over the cap."""
+    import threading
+
+    data = encode(Image.fromarray(NOISE))
+    path = tmp_path / "exact.png"
+    path.write_bytes(data)
+    assert read_bytes(path, max_bytes=len(data)) == data  # a file of exactly the cap is fine
+    with pytest.raises(imaging.ImageTooLarge):
+        read_bytes(path, max_bytes=len(data) - 1)
+
+    def through_a_pipe(max_bytes: int) -> bytes:
+        fifo = tmp_path / f"pipe-{max_bytes}"
+        os.mkfifo(fifo)
+
+        def feed() -> None:
+            with open(fifo, "wb") as f:
+                try:
+                    f.write(data)
+                except BrokenPipeError:  # the reader stopped at the cap
+                    pass
+
+        writer = threading.Thread(target=feed)
+        writer.start()
+        try:
+            return read_bytes(fifo, max_bytes=max_bytes)
+        finally:
+            writer.join(timeout=10)
+
+    assert through_a_pipe(1 << 20) == data
+    with pytest.raises(imaging.ImageTooLarge, match="over the cap of 100 bytes"):
+        through_a_pipe(100)
 
 
 def test_read_bytes_understands_file_uris(tmp_path: Path) -> None:
