@@ -147,7 +147,9 @@ def _read_uri(uri: str, max_bytes: int) -> bytes:
         raise MissingFile(uri, "is a directory, not an image file")
     check_bytes(uri, info.size, max_bytes)
     with fs.open_input_stream(path) as f:
-        data = f.read(max_bytes + 1)
+        data = f.read(info.size + 1)  # sized as read_bytes does (pyarrow also allocates what it's asked)
+        if len(data) > info.size:
+            data += f.read(max_bytes + 1 - len(data))
     check_bytes(uri, len(data), max_bytes)
     return data
 
