@@ -172,7 +172,10 @@ class Predictor:
         return nullcontext()
 
     def model_input(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        # Ray hands batches over as read-only views of the object store, which torch.from_numpy
+        # warns about on every batch; np.require copies only such an array (50 KB an image).
+        images = np.require(images, requirements=("C_CONTIGUOUS", "WRITEABLE"))
+        x = torch.from_numpy(images).to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return x

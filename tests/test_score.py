@@ -93,6 +93,24 @@ def other_artifact(tmp_path_factory) -> Path:
     return make_artifact(tmp_path_factory.mktemp("art2") / "model", seed=1)
 
 
+def test_a_read_only_batch_scores_without_a_warning_and_is_left_untouched(artifact: Path) -> None:
+    """Ray hands a batch over as a read-only view of its object store; torch.from_numpy warned
+    on every such batch. The predictor copies only such a batch, and scores it the same."""
+    import warnings
+
+    from cxrray.predict import Predictor
+
+    p = Predictor(artifact, num_threads=1)
+    batch = np.random.default_rng(0).integers(0, 256, (3, 1, 64, 64), dtype=np.uint8)
+    frozen = batch.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        probs = p.predict_images(frozen)
+    np.testing.assert_allclose(probs, p.predict_images(batch), atol=1e-6)
+    np.testing.assert_array_equal(frozen, batch)
+
+
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("archive")
