@@ -23,12 +23,23 @@ run one after another, not interleaved (a pipeline that runs on in the backgroun
 CPU from the method being timed); --repeats runs each, and medians are reported. Run it on an
 idle machine.
 
+Each timed run also records where the CPU went, in microseconds per image, from /proc: this
+process (the consumer), the decode workers (Ray task workers or DataLoader workers), Ray's own
+processes (raylet, GCS, agents, Ray Data's stats actors) and the rest of the machine, with the
+share of all cores that was busy. On a machine whose cores are all busy, a method's rate is
+cores / its total, so the split says what a method spends beyond the decode itself.
+
     python benchmarks/bench_data.py --cpus 2 --epochs 10 --repeats 3 --sets nih kermany:1000 kermany:5216
+
+With --cpus 1 on a 2-core machine, the decode has one core and the consumer the other: the rate a
+decode core gives when it does not share its core with the consumer (a training process's input
+step, on a GPU node, has cores of its own).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import statistics
 import sys
@@ -78,6 +89,51 @@ def consume(batches) -> tuple[int, float]:
         if first is None:
             first = time.perf_counter() - t0
     return n, first or 0.0
+
+
+def _proc_cpu(pid: int) -> tuple[str, float] | None:
+    """(command line, CPU seconds so far) of a live process, from /proc (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after "(comm)", which may hold spaces
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:  # gone, or not ours to read
+        return None
+    return cmd, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    pids = (int(d) for d in os.listdir("/proc") if d.isdigit())
+    return {pid: got for pid in pids if (got := _proc_cpu(pid)) is not None}
+
+
+def _role(pid: int, cmd: str, me: str) -> str:
+    """consumer (this process), workers (decode: Ray task workers, DataLoader workers), ray (Ray's own
+    processes: raylet, GCS, dashboard agent, Ray Data's stats actors) or other (the rest of the machine)."""
+    if pid == os.getpid():
+        return "consumer"
+    if cmd.startswith("ray::"):
+        name = cmd[5:].split()[0] if len(cmd) > 5 else ""
+        return "ray" if name.startswith("_") or "Agent" in name else "workers"
+    if cmd == me:  # a DataLoader worker: this script forked
+        return "workers"
+    if "ray" in cmd and ("raylet" in cmd or "gcs_server" in cmd or "/ray/" in cmd or "ray/_private" in cmd):
+        return "ray"
+    return "other"
+
+
+def cpu_per_image(before: dict, after: dict, images: int, seconds: float) -> dict:
+    """Microseconds of CPU per image by role over a timed run, and how busy the cores were.
+    A process started during the run (a DataLoader's workers) counts whole."""
+    me = after.get(os.getpid(), ("", 0.0))[0]
+    used: dict[str, float] = {"consumer": 0.0, "workers": 0.0, "ray": 0.0, "other": 0.0}
+    for pid, (cmd, cpu) in after.items():
+        used[_role(pid, cmd, me)] += cpu - before.get(pid, (cmd, 0.0))[1]
+    out = {k: 1e6 * v / images for k, v in used.items()}
+    out["total"] = sum(out.values())
+    out["cores_busy"] = sum(used.values()) / (seconds * (os.cpu_count() or 1))
+    return out
 
 
 class FileDataset(torch.utils.data.Dataset):
@@ -167,6 +223,7 @@ def bench_set(name: str, paths: list[str], args: argparse.Namespace, work: Path)
     runs: dict[str, list[dict]] = {k: [] for k in methods}
     for rep in range(args.repeats):
         for k in methods:
+            cpu0 = cpu_snapshot()
             t0 = time.perf_counter()
             ends = []
             for n, first in m.epochs(k):
@@ -174,8 +231,11 @@ def bench_set(name: str, paths: list[str], args: argparse.Namespace, work: Path)
                 ends.append(time.perf_counter() - t0)
                 if len(ends) == 1:
                     first_batch = first
+                if len(ends) == m.n_epochs:  # before a DataLoader's workers exit with it
+                    cpu = cpu_per_image(cpu0, cpu_snapshot(), len(paths) * len(ends), ends[-1])
             runs[k].append({"seconds": ends[-1], "images_per_s": len(paths) * len(ends) / ends[-1],
-                            "first_batch_s": first_batch, "first_epoch_s": ends[0]})
+                            "first_batch_s": first_batch, "first_epoch_s": ends[0],
+                            **{f"cpu_us_per_image_{role}": v for role, v in cpu.items()}})
         log.info("%s repeat %d: %s", name, rep + 1, {k: round(v[-1]["images_per_s"]) for k, v in runs.items()})
     med = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in runs.items()}
     ips = {k: med[k]["images_per_s"] for k in methods}
