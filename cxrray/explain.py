@@ -87,7 +87,9 @@ def gradcam(
         maps = _normalise(torch.from_numpy(np.mean([p[0] for p in parts], axis=0)))
         low = _normalise(torch.from_numpy(np.mean([p[1] for p in parts], axis=0)))
         return maps.numpy(), low.numpy()
-    x = torch.as_tensor(np.asarray(images) if isinstance(images, np.ndarray) else images)
+    # A read-only array (a view of Ray's object store, a frozen upload) is copied: torch warns on
+    # such arrays, and the maps need the input's gradient anyway.
+    x = torch.as_tensor(np.require(images, requirements=("WRITEABLE",)) if isinstance(images, np.ndarray) else images)
     if x.ndim != 4:
         raise ValueError(f"images must be [N, C, H, W], got shape {tuple(x.shape)}")
     n, size = x.shape[0], tuple(x.shape[-2:])

@@ -96,6 +96,24 @@ def test_gradcam_uint8_equals_float_input_and_one_target_for_all() -> None:
     np.testing.assert_allclose(la, lb, atol=1e-5)
 
 
+def test_gradcam_takes_a_read_only_array_without_a_warning_and_leaves_it_alone() -> None:
+    """Serve's uploads and Ray's batches reach Grad-CAM as read-only arrays; torch warned on each."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 4, PRE64).eval()
+    x = images(2, seed=1).numpy()
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        maps, low = gradcam(model, frozen, "backbone.features", 1)
+    want_maps, want_low = gradcam(model, x, "backbone.features", 1)
+    np.testing.assert_allclose(maps, want_maps, atol=1e-6)
+    np.testing.assert_allclose(low, want_low, atol=1e-6)
+    np.testing.assert_array_equal(frozen, x)
+
+
 def test_gradcam_batch_equals_one_by_one() -> None:
     """Serving batches several images into one Grad-CAM call: that must not change any map."""
     torch.manual_seed(0)
@@ -256,7 +274,7 @@ def test_overlay_heat_falls_on_the_evidence_in_the_original_geometry(height, wid
     y0, x0, bh, bw = height // 5, int(width * 0.65), height // 4, width // 6
     img[y0 : y0 + bh, x0 : x0 + bw] = 1.0
     x = preprocess_image(img, Preprocess(size=32, channels=1, mean=(0.5,), std=(0.25,)))
-    _, low = gradcam(SpotDetector(), torch.from_numpy(x[None]), "features", [0])
+    _, low = gradcam(SpotDetector(), x[None], "features", [0])
     heat = upsample_map(low[0], height, width)
     inside = np.zeros_like(heat, bool)
     inside[y0 : y0 + bh, x0 : x0 + bw] = True
