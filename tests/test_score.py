@@ -306,6 +306,24 @@ def test_scoring_matches_the_predictor_and_resumes(ray_session, capsys, artifact
 
 
 @pytest.mark.ray
+def test_decoding_in_tasks_stays_a_stage_apart_from_the_actors(ray_session, artifact: Path, archive: Path) -> None:
+    """decode="task" with one-CPU actors: the two stages ask for the same resources, and Ray Data
+    fuses such stages unless their remote args differ. Fused, the tasks would decode inside the
+    actors (decode="actor" with extra copies)."""
+    from cxrray.predict import Predictor
+    from cxrray.score import Resources, build_dataset
+
+    todo = list_inputs(str(archive)).head(8)
+    cfg = ScoreConfig(str(artifact), str(archive), "unused", batch_size=4, decode="task")
+    ds = build_dataset(todo, cfg, Resources(actors=1, cpus=1.0, gpus=0.0, decode="task"),
+                       Predictor(artifact, num_threads=1).meta.preprocess)
+    rows = sum(len(b) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    stats = ds.stats()
+    assert rows == 8
+    assert "MapBatches(decode_batch)" in stats and "decode_batch)->" not in stats, stats
+
+
+@pytest.mark.ray
 def test_mixed_archive_gives_one_row_per_file_with_reasons(ray_session, capsys, artifact: Path,
                                                           tmp_path: Path) -> None:
     arc = tmp_path / "mixed"

@@ -72,10 +72,6 @@ class ContractPredictor(Predictor):
         return to_contract(pa.table(cols), schema)
 
 
-def _one_cpu() -> dict:
-    return {"num_cpus": 1}
-
-
 def build_dataset(todo: pd.DataFrame, cfg: ScoreConfig, res: Resources, preprocess):
     import ray
     from ray.data import ActorPoolStrategy
@@ -84,9 +80,11 @@ def build_dataset(todo: pd.DataFrame, cfg: ScoreConfig, res: Resources, preproce
     rows = max(cfg.batch_size, min(cfg.batch_size * 4, math.ceil(len(todo) / max(1, 4 * res.actors))))
     ds = ray.data.from_pandas([todo.iloc[i : i + rows] for i in range(0, len(todo), rows)])
     if res.decode == "task":
-        # ray_remote_args_fn keeps decoding a stage of its own: with equal resources Ray Data
-        # would fuse it into the actors, which is just decode="actor" with extra copies.
-        ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, num_cpus=1, ray_remote_args_fn=_one_cpu,
+        # Decoding stays a stage of its own: with equal remote args Ray Data would fuse it into the
+        # actors, which is just decode="actor" with extra copies. max_calls=0 (no limit) is Ray's
+        # default for CPU tasks, said out loud so the two stages' args differ (ray_remote_args_fn
+        # did this before; it is deprecated and goes in Ray 2.64, as are unnamed remote args).
+        ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, num_cpus=1, max_calls=0,
                             fn_kwargs={"pre": preprocess, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
                                        "strict": cfg.strict})
     extra = {"num_gpus": res.gpus} if res.gpus else {}
