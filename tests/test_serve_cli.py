@@ -3,8 +3,11 @@
 (stopped with Ctrl-C). On a head of its own, so it never touches the session's `ray_session`."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +21,21 @@ from test_serve import make_artifact, png_bytes
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# A shell starts a command with no signal blocked and SIGINT at its default, so Ctrl-C raises
+# KeyboardInterrupt in it. A test process need not be like that, and both the mask and an ignored
+# SIGINT pass through exec: in two full CI runs, `serve run` still sat in its sleep loop 300 s after
+# the SIGINT (faulthandler's stacks showed it), while alone it stopped at once. So the command
+# starts from a shell's signal state, as a user's does.
+AS_FROM_A_SHELL = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_SETMASK, set()); "
+                   "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def signal_state() -> str:
+    """This process's blocked and ignored signals (hex masks from /proc), for a failure message."""
+    status = Path(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/status").read_text().splitlines()
+    return ", ".join(line.replace("\t", " ") for line in status if line.startswith(("SigBlk", "SigIgn")))
 
 
 def config_for(artifact: Path, port: int, out: Path) -> Path:
@@ -103,9 +121,10 @@ def test_serve_deploy_and_serve_run_with_the_shipped_config(ray_tmp, tmp_path, a
     # Unbuffered, so the log shows how far the command got; faulthandler, so a SIGABRT makes it
     # print every thread's stack there if it does not stop.
     env = {**head.env, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+    run = [str(VENV_BIN / "serve"), "run", str(config_for(artifact, port, tmp_path / "run.yaml")),
+           "--address", head.gcs_address]
     with open(log, "w") as f:
-        proc = subprocess.Popen([str(VENV_BIN / "serve"), "run", str(config_for(artifact, port, tmp_path / "run.yaml")),
-                                 "--address", head.gcs_address], env=env, cwd=tmp_path,
+        proc = subprocess.Popen([sys.executable, "-c", AS_FROM_A_SHELL, *run], env=env, cwd=tmp_path,
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(url)
@@ -119,7 +138,8 @@ def test_serve_deploy_and_serve_run_with_the_shipped_config(ray_tmp, tmp_path, a
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGABRT)
             time.sleep(5)
-            pytest.fail("`serve run` did not stop within 300 s of Ctrl-C; its log:\n" + log.read_text()[-6000:])
+            pytest.fail(f"`serve run` did not stop within 300 s of Ctrl-C (this test process: {signal_state()}); "
+                        "its log:\n" + log.read_text()[-6000:])
         assert stopped_answering(url), log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
