@@ -23,10 +23,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 
 
-# A shell starts a command with no signal blocked and SIGINT at its default, so Ctrl-C raises
-# KeyboardInterrupt in it. A test process need not be like that, and both the mask and an ignored
-# SIGINT pass through exec: in two full CI runs, `serve run` still sat in its sleep loop 300 s after
-# the SIGINT (faulthandler's stacks showed it), while alone it stopped at once. So the command
+# A user's shell starts a command with SIGINT at its default and unblocked, so Ctrl-C raises
+# KeyboardInterrupt in it. A test run need not: one started in the background (`... &` in a
+# script, nohup) has SIGINT and SIGQUIT ignored in every process, and an ignored or blocked SIGINT
+# passes through exec. Two such full runs saw `serve run` still in its sleep loop 300 s after the
+# SIGINT (faulthandler's stacks), with the pytest workers' SigIgn at 0x1001007. So the command
 # starts from a shell's signal state, as a user's does.
 AS_FROM_A_SHELL = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_SETMASK, set()); "
                    "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])")
