@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +13,9 @@ from PIL import Image
 
 from clusters import free_port
 from cxrray.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from dicom_rank_bar import BUGS, rank_corr_under  # noqa: E402  (the decode bugs the bar must catch)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -28,6 +33,14 @@ EPOCHS = 12
 # Against what was drawn, faint findings (an uncertain label drawn weakly) count as present:
 # the hardest positives there are, so this AUROC sits below the certain-label one.
 TRUTH_BAR = 0.90
+# The DICOM copy against its JPEG twins: Spearman per class, the lowest of the six. Correct
+# decoding gave 0.989, 0.989, 0.986 and 0.991 (seeds 0, 0, 1, 2, alone) and 0.9675 (seed 0 in a
+# full CI run, another model): the gap is the twin's own 8-bit quality-90 loss. Decode bugs on
+# the same three models (benchmarks/dicom_rank_bar.py, 2026-12-07): MONOCHROME1 ignored -0.14 to
+# -0.06, 12 bits read as 16 -0.24 to -0.01, gamma 2 0.49-0.68, a window left unapplied 0.63-0.79.
+# The bar sits between the two, and the test checks that the mildest bug falls below it on the
+# model it trained. (It was 0.97, from a single run of 0.990.)
+RANK_CORR_BAR = 0.90
 
 
 def test_demo_end_to_end(ray_session, tmp_path, capfd):
@@ -80,8 +93,12 @@ def test_demo_end_to_end(ray_session, tmp_path, capfd):
     d = summary["dicom_copy"]
     assert d["images"] == d["joined"] == len(test_ids) and d["errors"] == 0, d
     assert len(d["syntaxes"]) >= 6, d["syntaxes"]
-    assert d["min_rank_corr"] >= 0.97 and d["decision_agreement"] >= 0.98, d
+    assert d["min_rank_corr"] >= RANK_CORR_BAR and d["decision_agreement"] >= 0.98, d
     assert d["mean_abs_diff"] < 0.02 and d["max_abs_diff"] < 0.25, d
+    # The bar catches a decode bug on this very model: the mildest one tried, a window left
+    # unapplied (contrast halved), must fall below it.
+    mild = "window left unapplied (contrast halved)"
+    assert min(rank_corr_under(out, {mild: BUGS[mild]})[mild]) < RANK_CORR_BAR
     # 6: Serve answered over HTTP and the overlay decodes
     overlay = Image.open(out / "gradcam_overlay.png")
     overlay.load()
