@@ -31,6 +31,10 @@ cores / its total, so the split says what a method spends beyond the decode itse
 
     python benchmarks/bench_data.py --cpus 2 --epochs 10 --repeats 3 --sets nih kermany:1000 kermany:5216
 
+Before the pipelines, one decode task's block is decoded in this process (block_decode):
+`cxrray.data.decode_files`, which writes each image into the block's array, against the list of
+arrays stacked at the end that it replaced, CPU time per image, interleaved (--block-only: just that).
+
 With --cpus 1 on a 2-core machine, the decode has one core and the consumer the other: the rate a
 decode core gives when it does not share its core with the consumer (a training process's input
 step, on a GPU node, has cores of its own).
@@ -252,6 +256,37 @@ def bench_set(name: str, paths: list[str], args: argparse.Namespace, work: Path)
             "runs": {k: [round(x["images_per_s"], 1) for x in v] for k, v in runs.items()}}
 
 
+def _stacked_block(paths: list[str], pre: Preprocess) -> np.ndarray:
+    """The baseline: a decode task's block as cxrray.data built it before 2026-12-07 (late), a
+    list of per-image arrays and one np.stack at the end."""
+    return np.stack([load_resized(p, pre)[0] for p in paths])
+
+
+def block_decode(paths: list[str], pre: Preprocess, repeats: int) -> dict:
+    """CPU µs per image to decode one task's block in this process: `cxrray.data.decode_files`
+    (each image written into the block's array) against `_stacked_block`, interleaved, medians.
+    The block is as large as a decode task's output may be (MAX_TASK_BYTES), or the whole set."""
+    from cxrray.data import MAX_TASK_BYTES, decode_files
+
+    block = paths[:max(1, MAX_TASK_BYTES // (pre.size * pre.size))]
+    batch = {"path": np.array(block, dtype=object)}
+
+    def filled() -> np.ndarray:
+        return decode_files(batch, pre=pre, aug=None, label_cols=[])["image"]
+
+    assert np.array_equal(filled(), _stacked_block(block, pre))  # same images, and both warm
+    cpu: dict[str, list[float]] = {"filled": [], "stacked": []}
+    for _ in range(repeats):
+        for name, fn in (("filled", filled), ("stacked", lambda: _stacked_block(block, pre))):
+            t0 = time.process_time()
+            fn()
+            cpu[name].append(1e6 * (time.process_time() - t0) / len(block))
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    return {"rows": len(block), "cpu_us_per_image_filled": med["filled"],
+            "cpu_us_per_image_stacked": med["stacked"], "ratio_filled_vs_stacked": med["filled"] / med["stacked"],
+            "runs": {k: [round(x, 1) for x in v] for k, v in cpu.items()}}
+
+
 def ray_overhead(rounds: int) -> dict:
     """Ray Data's fixed costs on this machine: a trivial 1,000-row map_batches in 8 and in 32 tasks."""
     import ray
@@ -283,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method; medians are reported")
     p.add_argument("--before", action="store_true",
                    help="also time the pipeline as cxrray.data built it before this benchmark (see BEFORE)")
+    p.add_argument("--block-only", action="store_true",
+                   help="only the one-process block decode (block_decode), no pipelines and no Ray")
     p.add_argument("--out", default=None, help="write the JSON result here too")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -300,6 +337,14 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown set {spec!r}: use nih or kermany:N")
         return kermany_subset(Path(args.kermany), int(n or 1000))
 
+    pre = Preprocess(size=args.size, channels=1)
+    blocks = {s: block_decode(files(s), pre, max(5, args.repeats)) for s in args.sets}
+    for name, b in blocks.items():
+        log.info("%s block of %d: filled %.1f, stacked %.1f CPU us an image (%.3fx)", name, b["rows"],
+                 b["cpu_us_per_image_filled"], b["cpu_us_per_image_stacked"], b["ratio_filled_vs_stacked"])
+    if args.block_only:
+        return publish({"bench": "data_block", "size": args.size, **environment(torch=torch.__version__),
+                        "block_decode": blocks}, args.out)
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
     # address="local": always a fresh private cluster, never someone else's `ray start`.
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
@@ -315,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     return publish({"bench": "data", "cpus": args.cpus, "batch": args.batch, "size": args.size,
                     "epochs": args.epochs, "repeats": args.repeats,
                     **environment(ray=ray.__version__, torch=torch.__version__), "ray_data_overhead": overhead,
-                    "results": results}, args.out)
+                    "block_decode": blocks, "results": results}, args.out)
 
 
 if __name__ == "__main__":

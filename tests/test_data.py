@@ -91,6 +91,29 @@ def test_unreadable_files_of_a_block_make_one_warning_not_one_each(small_manifes
     assert len(warnings) == 1 and "skipping unreadable images: 3 of 4 in this block" in warnings[0], warnings
 
 
+def test_a_block_with_unreadable_files_keeps_each_good_image_with_its_own_labels(small_manifest, tmp_path):
+    """Failures between good files: the good images come out in order, each with its own row's
+    labels (images are written into the block's array as they decode, skipping the failures)."""
+    from cxrray.data import decode_files
+    from cxrray.transforms import load_resized
+
+    df, space = small_manifest
+    rows = df[df["split"] == "train"].head(3)
+    pre = Preprocess(size=32, channels=1)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = [str(p) for p in rows["path"]]
+    paths = [str(bad), good[0], str(tmp_path / "gone.png"), good[1], good[2], str(bad)]
+    cells = np.full((len(paths), space.num_classes), -9.0, np.float32)  # the failures' rows: never kept
+    cells[[1, 3, 4]] = rows[list(space.columns)].fillna(0).to_numpy(np.float32)
+    cells[[1, 3, 4], 0] = [0.0, 1.0, 0.0]  # distinct rows, so a shifted label would show
+    batch = {"path": np.array(paths, dtype=object), **{c: cells[:, j] for j, c in enumerate(space.columns)}}
+    out = decode_files(batch, pre=pre, aug=None, label_cols=list(space.columns))
+    want = np.stack([load_resized(p, pre)[0] for p in good])
+    assert out["image"].dtype == np.uint8 and np.array_equal(out["image"], want)
+    np.testing.assert_array_equal(out["labels"], cells[[1, 3, 4]])
+
+
 def test_only_the_files_pipeline_gives_up_ray_datas_resource_reservation(ray_session, small_manifest, tmp_path):
     """Files: paths -> one decode map, nothing downstream to reserve for; with Ray 2.60's
     reservation on, its decode tasks ran one at a time on 2 CPUs (benchmarks/results/data.md).
