@@ -115,4 +115,10 @@ def require_supported(data: bytes, source: str) -> str:
         raise NotAnImage(source, _NOT_IMAGES[fmt])
     if fmt is not None:
         raise UnsupportedFormat(source, f"{fmt.upper()} image; supported formats: png, jpeg, dicom")
-    raise NotAnImage(source, f"not a PNG, JPEG or DICOM file (starts with {data[:24]!r})")
+    # What the file looks like, never what it says: its first bytes may be a patient's name (a
+    # DICOM data set that starts at group 0010, a CSV of patients), and this message reaches
+    # error rows, logs and HTTP answers.
+    head = data[:64]
+    kind = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "binary data"
+    raise NotAnImage(source, f"not a PNG, JPEG or DICOM file ({len(data):,} bytes of {kind} "
+                             "with no image signature)")

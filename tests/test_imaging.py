@@ -171,6 +171,33 @@ def test_format_comes_from_bytes_not_the_file_name(tmp_path: Path) -> None:
         load_image(text_as_png)
 
 
+def test_an_unrecognised_file_is_described_never_quoted(tmp_path: Path) -> None:
+    """The error names the file's size and kind, never its bytes: a DICOM data set written
+    without group 0008 starts with the patient's name, and the message reaches HTTP answers,
+    error rows and logs."""
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = Dataset()
+    ds.PatientName, ds.PatientID = "DOE^JANE", "MRN123456"
+    for implicit in (True, False):
+        buf = DicomBytesIO()
+        buf.is_implicit_VR, buf.is_little_endian = implicit, True
+        write_dataset(buf, ds)  # the data set alone: no preamble, no file meta
+        path = tmp_path / f"bare_{implicit}.dcm"
+        path.write_bytes(buf.getvalue())
+        with pytest.raises(imaging.NotAnImage) as err:
+            load_image(path)
+        assert "DOE" not in str(err.value) and "MRN" not in str(err.value), str(err.value)
+        assert f"{len(buf.getvalue())} bytes of binary data" in str(err.value)
+    notes = tmp_path / "notes.png"
+    notes.write_text("Patient: DOE^JANE, MRN123456. Findings: none.\n")
+    with pytest.raises(imaging.NotAnImage, match="bytes of text with no image signature") as err:
+        load_image(notes)
+    assert "DOE" not in str(err.value)
+
+
 def test_accepts_bytearray_and_memoryview() -> None:
     data = encode(Image.fromarray(NOISE))
     for view in (bytearray(data), memoryview(data)):
