@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 import struct
 from typing import Any
@@ -61,6 +62,7 @@ WARNINGS: dict[str, str] = {
     "colour": "a colour image (RGB/YBR/PALETTE COLOR), converted to luminance",
     "no_file_meta": "no transfer syntax in the file; the encoding was inferred from the data set",
     "stray_leading_byte": "one stray byte before a preamble-less data set was skipped",
+    "non_finite_pixels": "Float Pixel Data holds NaN or infinite values; shown at the ends of the finite range",
 }
 
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float and Double Float Pixel Data
@@ -270,7 +272,7 @@ def _to_unit(arr: np.ndarray, ds: Dataset, source: str, warnings: list[str]) -> 
 
 def grayscale_to_unit(arr: np.ndarray, ds: Dataset, source: str, warnings: list[str]) -> np.ndarray:
     """Modality LUT (rescale), then VOI LUT or first window, then [0, 1] over the VOI output range."""
-    values = _modality(arr, ds)
+    values = _finite(_modality(arr, ds, source), source, warnings)
     try:
         windowed = _voi_to_unit(values, ds)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError, NotImplementedError, struct.error) as e:
@@ -283,8 +285,10 @@ def grayscale_to_unit(arr: np.ndarray, ds: Dataset, source: str, warnings: list[
     return windowed
 
 
-def _modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Modality LUT Sequence (pydicom's lookup) or Rescale Slope/Intercept, as pydicom applies them."""
+def _modality(arr: np.ndarray, ds: Dataset, source: str) -> np.ndarray:
+    """Modality LUT Sequence (pydicom's lookup) or Rescale Slope/Intercept, as pydicom applies them.
+    A slope that is 0 or not a number leaves no picture to show: CorruptImage, rather than a
+    black (or NaN) image scored as if it were one."""
     if ds.get("ModalityLUTSequence"):
         return apply_modality_lut(arr, ds)
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
@@ -293,6 +297,9 @@ def _modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     # float32, not pydicom's float64: exact for every 16-bit stored value times a short slope,
     # and half the memory traffic on a 3,000 x 3,000 radiograph.
     slope, intercept = float(slope), float(intercept)
+    if slope == 0.0 or not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise CorruptImage(source, f"Rescale Slope {slope:g} and Intercept {intercept:g} leave no picture "
+                                   "(both must be finite numbers, the slope not 0)")
     if slope == 1.0 and intercept == 0.0:  # the identity most DX/CR files declare: skip a pass
         return arr
     out = arr.astype(np.float32)
@@ -301,6 +308,22 @@ def _modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     if intercept != 0.0:
         out += np.float32(intercept)
     return out
+
+
+def _finite(values: np.ndarray, source: str, warnings: list[str]) -> np.ndarray:
+    """Float Pixel Data with NaN or infinities: each goes to an end of the finite values' range
+    (NaN and -inf the low end, +inf the high end), so the window or min-max is computed over real
+    values; with none finite, there is no picture (CorruptImage)."""
+    if values.dtype.kind != "f":
+        return values
+    finite = np.isfinite(values)
+    if finite.all():
+        return values
+    if not finite.any():
+        raise CorruptImage(source, "no pixel value is a finite number (NaN or infinite Float Pixel Data)")
+    warnings.append("non_finite_pixels")
+    lo, hi = values[finite].min(), values[finite].max()
+    return np.where(finite, values, np.where(values == np.inf, hi, lo)).astype(values.dtype, copy=False)
 
 
 def _voi_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
@@ -333,6 +356,8 @@ def window_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
     float32 without the detour (tests/test_dicom.py checks it against pydicom).
     """
     center, width = _first_value(ds, "WindowCenter"), _first_value(ds, "WindowWidth")
+    if not (math.isfinite(center) and math.isfinite(width)):  # NaN passes every comparison below
+        raise ValueError(f"Window Center {center:g} and Width {width:g} are not both finite numbers")
     function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
     x = values.astype(np.float32, copy=False)
     if function == "LINEAR":

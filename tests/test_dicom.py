@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply
 from pydicom.uid import JPEG2000Lossless, JPEGExtended12Bit, MPEG2MPML
 
 from cxrray import dicom
+from cxrray.image_errors import CorruptImage
 from cxrray.imaging import (
     ImageError,
     decode_bytes,
@@ -31,6 +33,7 @@ from cxrray.imaging import (
     load_image_info,
     sniff_format,
 )
+from dicom_files import dicom_bytes, dicom_dataset
 from test_imaging import STORED, assert_unit, make_dicom
 
 ATOL = 1e-5
@@ -284,6 +287,49 @@ def test_unusable_window_falls_back_to_min_max_and_says_so() -> None:
     info = decode_bytes_info(make_dicom(STORED, BitsStored=12, HighBit=11, WindowCenter=100, WindowWidth=0))
     np.testing.assert_allclose(info.pixels, STORED / 4095, atol=ATOL)
     assert "window_invalid" in info.warnings
+
+
+def test_a_window_that_is_not_a_number_falls_back_to_min_max_and_says_so() -> None:
+    """NaN passes every comparison (`width < 1` is False), so it needs its own check: without it
+    the window made every pixel NaN, and the model scored a black image with no warning."""
+    for center, width in (("NaN", 400), (100, "NaN"), (100, "inf")):
+        with pytest.warns(UserWarning, match="Invalid value for VR DS"):  # pydicom says so, and reads it
+            data = make_dicom(STORED, BitsStored=12, HighBit=11, WindowCenter=center, WindowWidth=width)
+        info = decode_bytes_info(data)
+        np.testing.assert_allclose(info.pixels, STORED / 4095, atol=ATOL)
+        assert "window_invalid" in info.warnings
+
+
+@pytest.mark.parametrize("slope, intercept", [("NaN", 0), (1, "inf"), (0, 5)])
+def test_a_rescale_that_leaves_no_picture_is_corrupt(slope, intercept) -> None:
+    """A slope of 0 maps every pixel to one value, and NaN or inf to none: an error, not a black
+    (or NaN) image scored as if it were a radiograph."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pydicom's "Invalid value for VR DS"
+        data = make_dicom(STORED, BitsStored=12, HighBit=11, RescaleSlope=slope, RescaleIntercept=intercept)
+    with pytest.raises(CorruptImage, match="Rescale Slope .* leave no picture"):
+        decode_bytes_info(data)
+
+
+def float_pixel_dicom(values: np.ndarray) -> bytes:
+    """A data set with Float Pixel Data (7FE0,0008) instead of Pixel Data."""
+    ds = dicom_dataset(np.zeros(values.shape, np.uint16))
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation  # not in the Float Pixel module
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = values.astype("<f4").tobytes()
+    return dicom_bytes(ds)
+
+
+def test_float_pixels_that_are_not_finite_are_scaled_around_and_flagged() -> None:
+    values = np.array([[0.0, 1.0, 2.0], [np.nan, np.inf, -np.inf]], np.float32)
+    info = decode_bytes_info(float_pixel_dicom(values))
+    # min-max over the finite values (0..2); NaN and -inf at the low end, +inf at the high end
+    np.testing.assert_allclose(info.pixels, [[0.0, 0.5, 1.0], [0.0, 1.0, 0.0]], atol=ATOL)
+    assert "non_finite_pixels" in info.warnings
+    clean = decode_bytes_info(float_pixel_dicom(values[:1]))
+    assert "non_finite_pixels" not in clean.warnings
+    with pytest.raises(CorruptImage, match="no pixel value is a finite number"):
+        decode_bytes_info(float_pixel_dicom(np.full((2, 2), np.nan, np.float32)))
 
 
 def test_multi_frame_scores_the_first_frame_and_flags_it() -> None:
