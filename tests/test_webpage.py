@@ -142,3 +142,30 @@ def test_page_shows_qa_warnings_for_a_lateral_dicom(url, browser, tmp_path) -> N
     assert chips.count() == 1 and chips.first.get_attribute("data-warning") == "lateral_view"
     assert "lateral view" in chips.first.inner_text()
     page.close()
+
+
+@pytest.mark.parametrize("where", ["#drop", "#drop strong", "h1"])
+def test_a_dropped_file_is_uploaded_once_wherever_it_lands(url, browser, tmp_path, where) -> None:
+    """On the zone, on its text (a child: the event bubbles to the page's handler too) or
+    elsewhere on the page: one /predict. A drop on the text used to upload twice."""
+    import base64
+    import time
+
+    page = browser.new_page(viewport=VIEWPORT)
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model-info').textContent.includes('small_cnn')")
+    posts: list[str] = []
+    page.on("request", lambda req: posts.append(req.url) if req.method == "POST" and "/predict" in req.url else None)
+    png = base64.b64encode(xray_png(tmp_path / "dropped.png").read_bytes()).decode("ascii")
+    transfer = page.evaluate_handle("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        return dt;
+    }""", png)
+    page.dispatch_event(where, "drop", {"dataTransfer": transfer})
+    page.wait_for_selector(".bar-row", timeout=30_000)
+    time.sleep(1.0)  # a second upload, had there been one, starts within the same task
+    assert len(posts) == 1, posts
+    assert "dropped.png" in page.locator("#file-name").inner_text()
+    page.close()
