@@ -132,7 +132,7 @@ def read_meta(directory: str | Path) -> ModelMeta:
     d = storage.normalize(from_registry(directory))
     try:
         text = storage.read_text(storage.join(d, META))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there, or a file where the folder should be
         raise _not_an_artifact(d) from None
     if not storage.is_file(storage.join(d, WEIGHTS)):
         raise _not_an_artifact(d)

@@ -99,6 +99,8 @@ class ServeArgs:
 
     artifact: str = Field("", description="artifact dir or URI (empty: $CXRRAY_ARTIFACT)")
     max_upload_bytes: int = Field(20 * MiB, ge=1, description="bigger bodies get 413")
+    upload_idle_timeout_s: float = Field(15.0, gt=0, description="an upload that sends nothing for this long gets "
+                                         "408 (a stalled client holds a request slot)")
     max_pixels: int = Field(40_000_000, ge=1, description="width*height cap checked from the header before decoding")
     max_batch_size: int = Field(16, ge=1, description="/predict forward passes batched up to this")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill (s)")

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxrray import storage
 from cxrray.job_configs import ServeArgs
-from cxrray.serve_http import (STATUS_BY_REASON, SUPPORTED, BatchStats, UploadError, error, json_safe,
+from cxrray.serve_http import (STATUS_BY_REASON, SUPPORTED, UPLOAD, BatchStats, UploadError, error, json_safe,
                                parse_targets, read_upload)
 from cxrray.serve_run import DEFAULT_AUTOSCALING, http_url, run_server, shutdown
 
@@ -44,8 +44,9 @@ api = FastAPI(title="cxrray", description="Chest X-ray classification with Grad-
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    # 404/405 etc. in the same {"error": ...} shape as everything else.
-    return error(exc.status_code, str(exc.detail))
+    # 404/405 etc. in the same {"error": ...} shape as everything else, with their headers (a
+    # 405's Allow).
+    return error(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
 @serve.deployment(
@@ -159,7 +160,8 @@ class CXRServer:
         is (model input, picture) instead (`_decode_for_explain`). Raises UploadError (a 4xx)."""
         from cxrray.imaging import ImageError, sniff_format
 
-        data, targets, source = await read_upload(request, self.args.max_upload_bytes)
+        data, targets = await read_upload(request, self.args.max_upload_bytes, self.args.upload_idle_timeout_s)
+        source = UPLOAD
         decode = self._decode_for_explain if picture else self._decode_for_predict
         try:
             loop = asyncio.get_running_loop()
@@ -290,7 +292,7 @@ class CXRServer:
     async def stats_route(self) -> Response:
         return JSONResponse(self._stats())
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])  # load balancers probe with either
     async def healthz(self) -> Response:
         return JSONResponse({"status": "ok", "model_id": self.meta.model_id})
 

@@ -1,5 +1,6 @@
 """Programmatic entry points of Serve (the CLI's `cxrray serve`): deploy, find the URL, stop."""
 import logging
+import socket
 import time
 from typing import Any
 
@@ -8,6 +9,26 @@ from ray import serve
 log = logging.getLogger("cxrray.serve")
 
 _started_ray = False
+
+
+class PortInUse(ValueError):
+    """The asked port cannot be served on (a ValueError: the CLI prints it as one line)."""
+
+
+def require_free_port(host: str, port: int) -> None:
+    """Raise PortInUse when something already listens on host:port.
+
+    Serve's proxy binds with SO_REUSEPORT, so a second `cxrray serve` on a port in use started
+    without a word and took part of the first one's traffic: clients got answers from two
+    configurations, possibly two models. A plain bind, without that option, fails as it should.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise PortInUse(f"port {port} on {host} is in use ({e.strerror}): another cxrray serve or program "
+                            "listens there; stop it or choose another --port") from None
 
 
 def http_url(host: str | None = None) -> str:
@@ -42,6 +63,9 @@ def run_server(
     from cxrray.serve import build_app  # the app module imports this one
 
     if not ray.is_initialized():
+        # Our own Ray puts the proxy on this machine: its port must be free. A cluster joined
+        # instead places the proxy itself, and may already serve on the port (a redeploy).
+        require_free_port(host, port)
         ray.init(include_dashboard=False, configure_logging=False)
         _started_ray = True
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": 60})

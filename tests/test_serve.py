@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 MAX_UPLOAD = 1 << 20  # small caps keep the oversized-body tests cheap
 MAX_PIXELS = 4_000_000
 TIMEOUT = 30
+IDLE_TIMEOUT = 2.0  # upload_idle_timeout_s: short, so the stalled-upload test is quick
 
 
 # ------------------------------------------------------------------------------ builders
@@ -162,7 +163,7 @@ def url(ray_session, artifact) -> str:
 
     base = run_server(str(artifact), port=free_port(), blocking=False, name="test_serve", num_replicas=1,
                       max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS, max_batch_size=8,
-                      batch_wait_timeout_s=0.05, num_threads=1)
+                      batch_wait_timeout_s=0.05, num_threads=1, upload_idle_timeout_s=IDLE_TIMEOUT)
     yield base
     shutdown()
 
@@ -365,6 +366,89 @@ def test_multipart_without_file_field_and_unknown_routes(url) -> None:
     assert r.status_code == 404 and "error" in r.json()
     r = requests.get(url + "/predict", timeout=TIMEOUT)
     assert r.status_code == 405 and "error" in r.json()
+
+
+def test_a_form_takes_exactly_one_file_part(url) -> None:
+    png = png_bytes(7)
+    r = post(url, "/predict", files=[("file", ("a.png", png)), ("file", ("b.png", png))])
+    assert r.status_code == 400 and "one image per request" in r.json()["error"], r.text
+    r = post(url, "/predict", files={"file": (None, png)})  # a part without a filename: a text field
+    assert r.status_code == 400 and "is text, not a file" in r.json()["error"], r.text
+    assert post(url, "/predict", files={"file": ("a.png", png)}).status_code == 200
+
+
+def test_an_uploads_file_name_stays_out_of_the_logs(url) -> None:
+    """A client's file name can be a patient's name or ID: the server calls every upload
+    '<upload>'. A DICOM with an unusable window makes the replica log a warning naming its source."""
+    import ray
+
+    from dicom_files import make_dicom
+
+    name = "DOE^JANE_MRN123456.dcm"
+    dicom = make_dicom(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64), WindowCenter=100, WindowWidth=0)
+    r = post(url, "/predict", files={"file": (name, dicom)})
+    assert r.status_code == 200 and "window_invalid" in r.json()["warnings"], r.text
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    deadline, seen = time.monotonic() + 20, ""
+    while time.monotonic() < deadline:  # the replica's log lines reach its files a moment later
+        seen = "\n".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file()
+                         and p.suffix in (".log", ".err", ".out"))
+        if "ignoring unusable VOI LUT/window" in seen:
+            break
+        time.sleep(0.5)
+    assert "<upload>: ignoring unusable VOI LUT/window" in seen
+    assert "MRN123456" not in seen and "DOE^JANE" not in seen
+
+
+def test_a_stalled_upload_gets_a_json_408_and_frees_its_slot(url) -> None:
+    """Headers and a few bytes, then nothing: a 408 after upload_idle_timeout_s (each stalled
+    request holds one of the replica's request slots), in the API's JSON shape."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    t0 = time.perf_counter()
+    with socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT) as conn:
+        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: 5000\r\n\r\n\x89PNG\r\n\x1a\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < 2:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    waited = time.perf_counter() - t0
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert IDLE_TIMEOUT <= waited < IDLE_TIMEOUT + 10, waited
+    assert json.loads(body[body.index(b"{"):body.rindex(b"}") + 1])["reason"] == "timeout"
+    assert post(url, "/predict", png_bytes(3)).status_code == 200
+
+
+def test_methods_not_allowed_say_which_are_and_healthz_answers_head(url) -> None:
+    r = requests.put(url + "/predict", timeout=TIMEOUT)
+    assert r.status_code == 405 and r.headers.get("allow") == "POST" and "error" in r.json()
+    r = requests.head(url + "/healthz", timeout=TIMEOUT)
+    assert r.status_code == 200
+
+
+def test_a_second_server_on_a_port_in_use_is_refused() -> None:
+    """Serve's proxy binds with SO_REUSEPORT, so two servers shared a port (and its traffic)."""
+    import socket
+
+    from cxrray.serve_run import PortInUse, require_free_port
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as the proxy's socket
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(PortInUse, match=f"port {port} on 127.0.0.1 is in use"):
+            require_free_port("127.0.0.1", port)
+        with pytest.raises(PortInUse):
+            require_free_port("0.0.0.0", port)
+    require_free_port("127.0.0.1", free_port())  # a free one passes
 
 
 def test_server_still_answers_after_hostile_input(url) -> None:
