@@ -167,6 +167,27 @@ def test_inputs_that_cannot_be_scored_are_refused(tmp_path: Path) -> None:
         list_inputs(str(tmp_path / "n.csv"))
 
 
+def test_a_csv_with_two_path_columns_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "l.csv").write_text("Path,path\n/a.png,/b.png\n")
+    with pytest.raises(InputError, match="all mean 'path'"):
+        list_inputs(str(tmp_path / "l.csv"))
+
+
+def test_files_that_cannot_be_scored_are_listed_with_their_problem_and_the_output_folder_is_not(
+        tmp_path: Path) -> None:
+    write_png(tmp_path / "ok.png")
+    write_png(tmp_path / os.fsdecode(b"caf\xe9.png"))
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "preds").mkdir()
+    (tmp_path / "preds" / "_lock").write_bytes(b"")  # the job's own output, inside its input
+    df = list_inputs(str(tmp_path), exclude=str(tmp_path / "preds")).set_index("image_id")
+    assert sorted(df.index) == ["caf\\xe9.png", "ok.png", "pipe.png"]
+    assert pd.isna(df.loc["ok.png", "problem"])
+    assert df.loc["caf\\xe9.png", "problem"].startswith("bad_name: ")
+    assert df.loc["pipe.png", "problem"].startswith("not_a_file: ")
+    assert "preds/_lock" in list_inputs(str(tmp_path))["image_id"].tolist()  # without exclude it would be
+
+
 # --------------------------------------------------------------------------- output bookkeeping
 
 
@@ -387,6 +408,39 @@ def test_another_models_output_is_refused_unless_forced(ray_session, capsys, art
     assert len(df) == 15 and df["model_id"].nunique() == 1 and df["model_id"].iloc[0] == s["model_id"]
     doc = json.loads((out / "_manifest.json").read_text())
     assert doc["model_id"] == s["model_id"] and doc["complete"] and len(doc["runs"]) == 1
+
+
+@pytest.mark.ray
+def test_unscorable_files_become_error_rows_and_the_job_goes_on(ray_session, capsys, artifact: Path,
+                                                                 tmp_path: Path) -> None:
+    """A Latin-1 name stopped the whole job (Arrow holds only UTF-8) and a named pipe hung it; a
+    refused run left a _lock in the folder it refused; --out inside --input scored its own files."""
+    inp = tmp_path / "in"
+    for i in range(3):
+        write_png(inp / f"ok{i}.png", seed=i)
+    write_png(inp / os.fsdecode(b"caf\xe9.png"), seed=7)
+    os.mkfifo(inp / "pipe.png")
+    out = inp / "preds"
+    for run in (1, 2):  # the second run finds everything done, and its own output is not input
+        rc, s = run_main(capsys, "--artifact", str(artifact), "--input", str(inp), "--out", str(out), "--actors", "1")
+        assert rc == 0 and s["images"] == 5 and s["complete"], s
+        assert s["errors_by_reason"] == {"bad_name": 1, "not_a_file": 1}, s
+    df = pd.read_parquet(out).set_index("image_id")
+    first_prob = next(c for c in df.columns if c.startswith("p_"))
+    assert pd.isna(df.loc["ok0.png", "error"]) and df[first_prob].notna().sum() == 3  # the good ones scored
+    assert df.loc["caf\\xe9.png", "error"].startswith("bad_name: ") and "rename it" in df.loc["caf\\xe9.png", "error"]
+    assert df.loc["pipe.png", "error"].startswith("not_a_file: ") and "named pipe" in df.loc["pipe.png", "error"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    rc, s = run_main(capsys, "--artifact", str(artifact), "--input", str(inp), "--out", str(foreign))
+    assert rc == 2 and "not a predictions folder" in s["error"]
+    assert sorted(os.listdir(foreign)) == ["notes.txt"]  # refused: nothing written there, no _lock
+    rc, s = run_main(capsys, "--artifact", str(artifact), "--input", str(inp), "--out", str(foreign / "notes.txt"))
+    assert rc == 2 and "is a file" in s["error"]
+    rc, s = run_main(capsys, "--artifact", str(artifact), "--input", str(inp), "--out", str(tmp_path / "o2"),
+                     "--cpus-per-actor", "64")
+    assert rc == 2 and "no autoscaler" in s["error"], s  # not a wait for ever on CPUs that never come
 
 
 @pytest.mark.ray

@@ -127,6 +127,40 @@ def test_folder(tmp_path):
         load_folder(tmp_path / "a.png")
 
 
+def test_folder_follows_linked_folders_and_reports_files_it_cannot_hold(tmp_path):
+    """A Latin-1 name stopped the whole manifest (Parquet holds UTF-8) and a named pipe hung it;
+    a linked folder was skipped without a word. Now: skipped with reasons, and followed."""
+    import os
+
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    (root / "a.png").write_bytes(b"x")
+    (elsewhere / "b.png").write_bytes(b"x")
+    (root / "linked").symlink_to(elsewhere)
+    (root / os.fsdecode(b"caf\xe9.png")).write_bytes(b"x")
+    os.mkfifo(root / "pipe.png")
+    res = load_folder(root)
+    assert res.manifest["image_id"].tolist() == ["a.png", "linked/b.png"]
+    assert res.skipped.counts() == {"bad_name": 1, "not_a_file": 1}
+
+
+def test_a_manifest_of_no_images_or_onto_a_folder_is_refused(tmp_path):
+    from cxrray.config import ManifestConfig
+    from cxrray.manifest_build import build_manifest
+    from cxrray.storage import StorageError
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(ManifestError, match="no images for a manifest \\(1 not_an_image\\)"):
+        build_manifest(ManifestConfig(source="folder", root=str(tmp_path / "empty"), out=str(tmp_path / "m.parquet")))
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"x")
+    with pytest.raises(StorageError, match="is a folder; give a file name"):
+        build_manifest(ManifestConfig(source="folder", root=str(tmp_path / "imgs"), out=str(tmp_path / "empty")))
+    assert not (tmp_path / "m.parquet").exists()
+
+
 def test_registry_csv(tmp_path):
     res = load_source("csv", make_csv(tmp_path, ROWS), label_cols=["mass"], patient_col="pid")
     assert res.manifest["patient_id"].nunique() == 3

@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from cxrray import storage
+from cxrray.files import BAD_NAME, readable, walk_files
 from cxrray.score.errors import InputError
 
 # Extension-less names are included too: PACS exports name DICOM files by number or UID
@@ -34,20 +35,25 @@ def is_image_name(name: str) -> bool:
     return suffix in IMAGE_EXTENSIONS or suffix == "" or suffix[1:].isdigit()
 
 
-def _frame(ids: Iterable[str], paths: Iterable[str]) -> pd.DataFrame:
-    return pd.DataFrame({"image_id": list(ids), "path": list(paths)}, dtype=object)
+def _frame(ids: Iterable[str], paths: Iterable[str], problems: Iterable[str | None] | None = None) -> pd.DataFrame:
+    df = pd.DataFrame({"image_id": list(ids), "path": list(paths)}, dtype=object)
+    df["problem"] = list(problems) if problems is not None else None
+    return df
 
 
-def _list_dir(root: Path) -> pd.DataFrame:
-    ids, paths = [], []
-    for d, dirs, files in os.walk(root):
-        dirs[:] = [x for x in dirs if not x.startswith(".")]
-        for f in files:
-            if is_image_name(f):
-                p = os.path.join(d, f)
-                ids.append(Path(p).relative_to(root).as_posix())
-                paths.append(p)
-    return _frame(ids, paths)
+def _list_dir(root: Path, exclude: str | None = None) -> pd.DataFrame:
+    """cxrray.files.walk_files: symlinked folders followed once, hidden names skipped, and files
+    that cannot be scored (an undecodable name, a named pipe) kept with their problem: they
+    become error rows. `exclude`: a folder under root left out (the job's own --out)."""
+    ids, paths, problems = [], [], []
+    skip = exclude.rstrip("/") + "/" if exclude else None
+    for f in walk_files(root):
+        if not is_image_name(f.name) or (skip and f.path.startswith(skip)):  # root is resolved: no realpath per file
+            continue
+        ids.append(f.rel)
+        paths.append(readable(os.path.abspath(f.path)) if f.problem else f.path)
+        problems.append(f"{f.problem}: {f.detail}" if f.problem else None)
+    return _frame(ids, paths, problems)
 
 
 def _list_glob(pattern: str) -> pd.DataFrame:
@@ -89,6 +95,10 @@ def _list_table(path: str) -> pd.DataFrame:
     else:
         src = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
         df = pd.read_csv(src, dtype=str, keep_default_na=False)
+        for key in ("path", "image_id"):
+            named = [c for c in df.columns if c.lower() == key]
+            if len(named) > 1:
+                raise InputError(f"{path}: columns {named} all mean {key!r}; keep one")
         df = df.rename(columns={c: c.lower() for c in df.columns if c.lower() in ("path", "image_id")})
     if "path" not in df.columns:
         raise InputError(f"{path}: needs a 'path' column (found {list(df.columns)[:8]})")
@@ -110,8 +120,11 @@ def _is_table(spec: str) -> bool:
     return storage.name(spec).lower().endswith(TABLE_SUFFIXES)
 
 
-def list_inputs(spec: str) -> pd.DataFrame:
-    """image_id + path for every image the input names, unique ids, sorted by image_id."""
+def list_inputs(spec: str, exclude: str | None = None) -> pd.DataFrame:
+    """image_id + path for every image the input names, unique ids, sorted by image_id, and
+    `problem` ("reason: detail", or None): a file listed that cannot be read (see _list_dir).
+    exclude: a local folder never listed (the job's own output, when it is inside the input)."""
+    exclude = os.path.realpath(exclude) if exclude and not storage.is_uri(exclude) else None
     if storage.is_uri(spec) and not spec.startswith("file://"):
         df = _list_table(spec) if _is_table(spec) and storage.is_file(spec) else _list_uri(spec)
     elif spec.startswith("file://"):
@@ -121,13 +134,14 @@ def list_inputs(spec: str) -> pd.DataFrame:
     else:
         p = Path(spec).expanduser()
         if p.is_dir():
-            df = _list_dir(p.resolve())
+            df = _list_dir(p.resolve(), exclude)
         elif p.is_file() and _is_table(spec):
             df = _list_table(str(p))
         elif p.is_file():
             df = _frame([p.name], [str(p.resolve())])
         else:
             raise InputError(f"{spec}: no such file or folder")
+    df = _flag_bad_names(df)
     df = df.drop_duplicates(["image_id", "path"])
     clash = df["image_id"].duplicated(keep=False)
     if clash.any():
@@ -140,6 +154,19 @@ def list_inputs(spec: str) -> pd.DataFrame:
     # Python's string order, the one bisect uses to route result rows back to their chunk.
     ids = df["image_id"].tolist()
     return df.iloc[sorted(range(len(ids)), key=ids.__getitem__)].reset_index(drop=True)
+
+
+def _flag_bad_names(df: pd.DataFrame) -> pd.DataFrame:
+    """Ids or paths that are not valid UTF-8 (a glob's or a table's): shown readable, flagged."""
+    shown_ids, shown_paths = df["image_id"].map(readable), df["path"].map(readable)
+    bad = (shown_ids != df["image_id"]) | (shown_paths != df["path"])
+    if not bad.any():
+        return df
+    df = df.copy()
+    df.loc[bad, "problem"] = f"{BAD_NAME}: the file name is not valid UTF-8 (another encoding, e.g. Latin-1); " \
+                             "rename it to score it"
+    df["image_id"], df["path"] = shown_ids, shown_paths
+    return df
 
 
 def fingerprint(inputs: pd.DataFrame) -> str:

@@ -24,10 +24,11 @@ from cxrray import console, storage
 from cxrray.console import Progress
 from cxrray.job_configs import DEFAULT_CHUNK, ScoreConfig  # noqa: F401 - re-exported: the schema of a job
 from cxrray.predict import Predictor, decode_batch
-from cxrray.score.errors import OutputConflict
+from cxrray.score.errors import OutputConflict, ScoreError
 from cxrray.score.inputs import fingerprint, list_inputs
 from cxrray.score.store import (FORMAT, OutputLock, PartWriter, check_output, committed_parts, output_schema,
-                                read_index, read_manifest_json, scan_output, to_contract, write_manifest_json)
+                                read_index, read_manifest_json, refuse_foreign_output, scan_output, to_contract,
+                                write_manifest_json)
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,14 @@ class Resources:
     decode: str
 
 
-def plan_resources(cfg: ScoreConfig, cluster_cpus: float, cluster_gpus: float) -> Resources:
+def plan_resources(cfg: ScoreConfig, cluster_cpus: float, cluster_gpus: float, *, can_grow: bool = True) -> Resources:
     """Actor count and per-actor resources; on CPU the default fills the cluster with
-    one-thread actors (decode is single-threaded, so processes scale better than threads)."""
+    one-thread actors (decode is single-threaded, so processes scale better than threads).
+
+    can_grow: whether nodes may join (a cluster with an autoscaler, or one we only joined).
+    When not (the local Ray a `cxrray score` starts), an actor that fits on no node is an error
+    and the pool is cut to what fits: Ray Data would otherwise wait for ever on resources that
+    can never come."""
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if cluster_gpus >= 1 else 0.0)
     # On GPUs, nvJPEG decodes each batch's JPEGs in the actor (its CPU path takes the rest); with
     # the Pillow decoder a CPU task stage decodes so the GPU actors only run forward passes.
@@ -54,10 +60,31 @@ def plan_resources(cfg: ScoreConfig, cluster_cpus: float, cluster_gpus: float) -
     else:
         spare = 1 if decode == "task" else 0  # leave a CPU for the decode tasks
         actors = max(1, int((cluster_cpus - spare) // cfg.cpus_per_actor))
-    if actors * cfg.cpus_per_actor > cluster_cpus:
-        log.warning("%d actors x %g CPUs exceeds the cluster's %g CPUs: actors will wait for an autoscaler",
-                    actors, cfg.cpus_per_actor, cluster_cpus)
+    one_fits = cfg.cpus_per_actor <= cluster_cpus and gpus <= cluster_gpus
+    if not can_grow and not one_fits:
+        raise ScoreError(f"one actor needs {cfg.cpus_per_actor:g} CPUs and {gpus:g} GPUs; this Ray has "
+                         f"{cluster_cpus:g} CPUs and {cluster_gpus:g} GPUs, and no autoscaler to add more: lower "
+                         "--cpus-per-actor / --gpus-per-actor, or join a bigger cluster (--ray-address)")
+    fit = int(min(cluster_cpus // cfg.cpus_per_actor, cluster_gpus // gpus if gpus else math.inf))
+    if actors > fit and not can_grow:
+        log.info("%d actors do not fit in this Ray (%g CPUs, %g GPUs): %d instead", actors, cluster_cpus,
+                 cluster_gpus, fit)
+        actors = fit
+    elif actors * cfg.cpus_per_actor > cluster_cpus or actors * gpus > cluster_gpus:
+        log.warning("%d actors x (%g CPUs, %g GPUs) exceed the cluster's %g CPUs and %g GPUs: actors will wait "
+                    "for an autoscaler", actors, cfg.cpus_per_actor, gpus, cluster_cpus, cluster_gpus)
     return Resources(actors, cfg.cpus_per_actor, gpus, decode)
+
+
+def _cluster_can_grow() -> bool:
+    """False for the Ray this process started itself (a head node with no autoscaler); a joined
+    cluster may have one (KubeRay, `ray up`), and its jobs wait for the nodes it adds."""
+    try:
+        import ray
+
+        return not ray._private.worker._global_node.head  # private: a driver that joined has head=False
+    except Exception:  # noqa: BLE001 - another Ray's internals: assume the cluster can grow, as before
+        return True
 
 
 class ContractPredictor(Predictor):
@@ -113,7 +140,7 @@ def _run_pipeline(todo: pd.DataFrame, cfg: ScoreConfig, preprocess, writer: Part
     if not len(todo):
         return None, 0.0
     cluster = ray.cluster_resources()
-    res = plan_resources(cfg, cluster.get("CPU", 1), cluster.get("GPU", 0))
+    res = plan_resources(cfg, cluster.get("CPU", 1), cluster.get("GPU", 0), can_grow=_cluster_can_grow())
     # No more actors than batches: an actor with nothing to do still costs a process, a torch
     # import and a model load (seconds each on a small machine, e.g. evaluating a small split).
     res = replace(res, actors=min(res.actors, math.ceil(len(todo) / cfg.batch_size)))
@@ -131,6 +158,17 @@ def _run_pipeline(todo: pd.DataFrame, cfg: ScoreConfig, preprocess, writer: Part
         writer.flush()  # on failure (or SIGTERM) keep the rows already scored
         progress.close()
     return res, first_result
+
+
+def _problem_rows(rows: pd.DataFrame, schema: pa.Schema, model_id: str) -> pa.Table:
+    """Error rows for files the listing could not hand to a decoder (inputs.list_inputs' `problem`)."""
+    n = len(rows)
+    cols = {"image_id": rows["image_id"].tolist(), "path": rows["path"].tolist(),
+            "error": [f"{p.split(':', 1)[0]}: {path}:{p.split(':', 1)[1]}" for p, path in zip(rows["problem"], rows["path"])],
+            "model_id": [model_id] * n, "positive": [[] for _ in range(n)]}
+    arrays = {f.name: pa.array(cols[f.name], f.type) if f.name in cols else pa.nulls(n, f.type) for f in schema
+              if f.name in cols or f.name.startswith("p_")}
+    return pa.table(arrays)
 
 
 def summarize(out: str, inputs: pd.DataFrame, model_id: str, writer: PartWriter, done_before: int,
@@ -156,6 +194,7 @@ def error_reason(error: str) -> str:
 def preflight(cfg: ScoreConfig) -> None:
     """Everything that can fail before work starts: stores, buckets, credentials, the artifact."""
     storage.check_store(cfg.out, what="--out")
+    storage.check_target(cfg.out, folder=True, what="--out")
     storage.check_store(cfg.input, what="--input")
     storage.check_store(cfg.artifact, what="--artifact")
 
@@ -190,8 +229,10 @@ def score(cfg: ScoreConfig) -> dict:
     meta = read_meta(cfg.artifact)
     schema = output_schema(meta.label_space.prob_columns)
     out = storage.normalize(cfg.out)
-    inputs = list_inputs(cfg.input)
+    inputs = list_inputs(cfg.input, exclude=out)
     fp = fingerprint(inputs)
+    # Refuse a folder that is not ours before the lock creates it or a _lock file in it.
+    refuse_foreign_output(out)
     lock = OutputLock(out)
     try:
         state = scan_output(out, meta.model_id, schema, force_model=cfg.force_model)
@@ -214,6 +255,10 @@ def score(cfg: ScoreConfig) -> dict:
         write_manifest_json(out, doc)
         writer = PartWriter(out, todo["image_id"].tolist(), cfg.chunk_size, state.next_part, schema,
                             meta.model_id, meta.label_space.to_dict(), run_id=run_id)
+        unreadable = todo["problem"].notna()
+        if unreadable.any():  # never sent to a decoder: their error is known from the listing
+            writer.add(_problem_rows(todo[unreadable], schema, meta.model_id))
+            todo = todo[~unreadable].reset_index(drop=True)
         with ray_for_job(cfg.ray_address) if len(todo) else nullcontext():  # nothing left: no cluster to start
             res, first_result = _run_pipeline(todo, cfg, meta.preprocess, writer, len(state.done))
         summary = summarize(out, inputs, meta.model_id, writer, len(state.done), time.perf_counter() - t0)

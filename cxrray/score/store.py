@@ -185,6 +185,17 @@ def _migrate_v1(out: str, listing: Listing) -> None:
         write_manifest_json(out, {**doc, "format": FORMAT})
 
 
+def refuse_foreign_output(out: str) -> None:
+    """OutputConflict when `out` holds files that are not a predictions folder's (read only)."""
+    out = storage.normalize(out)
+    if not storage.exists(out):
+        return
+    listing = list_output(out)
+    if listing.other and not listing.parts and read_manifest_json(out) is None:
+        raise OutputConflict(f"{out} is not empty and is not a predictions folder ({listing.other[:3]}); "
+                             "choose a new --out")
+
+
 def scan_output(out: str, model_id: str, schema: pa.Schema, *, force_model: bool) -> OutputState:
     """Validate what an earlier run left and return the ids already scored.
 
@@ -196,9 +207,7 @@ def scan_output(out: str, model_id: str, schema: pa.Schema, *, force_model: bool
     listing = list_output(out)
     prev = read_manifest_json(out)
     if prev is None and not listing.parts:
-        if listing.other:
-            raise OutputConflict(f"{out} is not empty and is not a predictions folder ({listing.other[:3]}); "
-                                 "choose a new --out")
+        refuse_foreign_output(out)
         return OutputState(set(), 0)
     if listing.version == FORMAT_V1 and not listing.commits:
         _migrate_v1(out, listing)

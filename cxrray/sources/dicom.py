@@ -45,6 +45,7 @@ import pydicom
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from cxrray import storage
+from cxrray.files import walk_files
 from cxrray.imaging import ImageError, bare_dicom_start, load_image_info, sniff_format
 from cxrray.labels import MULTILABEL, LabelSpace
 from cxrray.manifest import ManifestError, Skipped, SourceResult
@@ -248,26 +249,26 @@ def _header(ds, salt: str) -> _Header:
     )
 
 
-def _list(root: str) -> list[tuple[str, str]]:
-    """(image_id, path) of every non-hidden file under root, sorted."""
+def _list(root: str, skipped: Skipped) -> list[tuple[str, str]]:
+    """(image_id, path) of every non-hidden file under root, sorted; a local file that cannot be
+    read as one (cxrray.files: an undecodable name, a named pipe) goes to `skipped` instead."""
     if storage.is_uri(root):
         rels = [r for r, _ in storage.list_files(root) if not any(p.startswith(".") for p in r.split("/"))]
         return [(r, storage.join(root, r)) for r in rels]
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                full = os.path.join(dirpath, name)
-                out.append((os.path.relpath(full, root).replace(os.sep, "/"), full))
+    for f in walk_files(root):
+        if f.problem:
+            skipped.add(f.rel, f.problem, f.detail)
+        else:
+            out.append((f.rel, f.path))
     return sorted(out)
 
 
 def read_headers(root: str, salt: str, *, check_pixels: bool = False, max_workers: int | None = None,
                  ) -> tuple[list[tuple[str, str, _Header]], Skipped]:
     """Headers of every file under `root` in a thread pool (the work is mostly waiting on I/O)."""
-    files = _list(root)
     skipped = Skipped()
+    files = _list(root, skipped)
     workers = max_workers or min(32, 4 * (os.cpu_count() or 1))
 
     def chunk(items: list[tuple[str, str]]) -> list[tuple[str, str, _Header | _Skip]]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cxrray import storage
+from cxrray.files import walk_files
 from cxrray.labels import MULTICLASS, MULTILABEL, LabelSpace
 from cxrray.manifest import ManifestError, Skipped, SourceResult, normalise
 
@@ -357,16 +358,13 @@ def load_folder(
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     skipped = Skipped()
     rels: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
-        for f in sorted(filenames):
-            if f.startswith("."):
-                continue
-            rel = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
-            if f.lower().endswith(exts):
-                rels.append(rel)
-            else:
-                skipped.add(rel, "not_an_image", f"extension not in {list(exts)}")
+    for f in walk_files(root, recursive=recursive):  # symlinked folders followed once, hidden names skipped
+        if f.problem:  # an undecodable name, a named pipe: nothing a manifest can hold or a reader open
+            skipped.add(f.rel, f.problem, f.detail)
+        elif f.name.lower().endswith(exts):
+            rels.append(f.rel)
+        else:
+            skipped.add(f.rel, "not_an_image", f"extension not in {list(exts)}")
     root_abs = os.path.abspath(root)
     df = pd.DataFrame({"image_id": pd.Series(rels, dtype=str)})
     df["path"] = root_abs + "/" + df["image_id"]
