@@ -91,8 +91,8 @@ class ManifestConfig:
     """`cxrray manifest`, and the manifest `cxrray train` and `cxrray demo` build (manifest_build.py)."""
 
     source: SourceName = Field(description="dataset layout: " + " | ".join(SOURCES))
-    root: str = Field(description="dataset root (for csv: the CSV file)")
-    out: str = Field(description="manifest .parquet to write (local path or URI)")
+    root: str = Field(min_length=1, description="dataset root (for csv: the CSV file)")
+    out: str = Field(min_length=1, description="manifest .parquet to write (local path or URI)")
     split: Optional[Fractions] = Field(None, description="train,valid,test fractions by patient (none: keep the source's)")
     seed: int = Field(0, description="seed of the patient split")
     # chexpert / synthetic
@@ -130,7 +130,7 @@ class ManifestConfig:
     check_pixels: bool = Field(False, description="dicom: decode every file's pixels to find unreadable ones")
     # the leakage check (splits.check_leakage), run whenever rows have a split
     leakage_check: bool = Field(True, description="check that no patient or identical image spans splits")
-    hash_images: bool = Field(True, description="leakage check also compares image contents (sha1)",
+    hash_images: bool = Field(True, description="compare image contents (sha1) in the leakage check",
                               json_schema_extra={"off_flag": "--no-hash"})
     on_leakage: Literal["warn", "refuse"] = Field("warn", description="leakage found: warn | refuse (exit 2)")
 

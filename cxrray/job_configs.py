@@ -25,9 +25,9 @@ DEFAULT_CHUNK = 1024
 class EvaluateConfig:
     """`cxrray evaluate`: the keyword arguments of cxrray.evaluate.evaluate."""
 
-    artifact: str = Field(description="model artifact (dir, URI or models:/name/version)")
+    artifact: str = Field(min_length=1, description="model artifact (dir, URI or models:/name/version)")
     manifest: str = Field(description="manifest with a split column")
-    out: str = Field(description="folder for the report, plots, metrics.json and config.yaml")
+    out: str = Field(min_length=1, description="folder for the report, plots, metrics.json and config.yaml")
     split: Literal["train", "valid", "test"] = Field("test", description="the split scored: train | valid | test")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for AUROC CIs (0: none)")
     gallery_k: int = Field(4, ge=0, description="Grad-CAM gallery: top-k true and false positives per class (0: none)")
@@ -56,7 +56,7 @@ class EnsembleConfig:
 
     members: list[str] = Field(description="member artifacts, comma-separated (dirs or URIs)")
     manifest: str = Field(description="manifest whose valid split picks the ensemble's thresholds")
-    out: str = Field(description="the ensemble artifact's folder (local or URI)")
+    out: str = Field(min_length=1, description="the ensemble artifact's folder (local or URI)")
     tta: bool = Field(False, description="test-time augmentation: identity, +-5 deg rotations, 1.05 zoom")
     val_labels: Literal["certain", "blank_negative", "train"] = Field(
         "certain", description="labels the thresholds are chosen on: certain | blank_negative | train")
@@ -72,9 +72,9 @@ class EnsembleConfig:
 class ScoreConfig:
     """`cxrray score`: bulk scoring of an image archive into predictions Parquet."""
 
-    artifact: str = Field(description="model artifact directory (model.pt + model.json)")
-    input: str = Field(description="folder (recursive), glob, CSV/Parquet with a path column, or URI")
-    out: str = Field(description="output folder of part-*.parquet files")
+    artifact: str = Field(min_length=1, description="model artifact directory (model.pt + model.json)")
+    input: str = Field(min_length=1, description="folder (recursive), glob, CSV/Parquet with a path column, or URI")
+    out: str = Field(min_length=1, description="output folder of part-*.parquet files")
     batch_size: int = Field(32, ge=1, description="images per forward pass")
     chunk_size: int = Field(DEFAULT_CHUNK, ge=1, description="images per part file (unit of resume)")
     actors: Optional[int] = Field(None, ge=1, description="Predictor actors (default: fill the cluster)")

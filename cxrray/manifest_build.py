@@ -15,7 +15,7 @@ import pandas as pd
 from cxrray import storage
 from cxrray.config import ManifestConfig
 from cxrray.labels import LabelSpace
-from cxrray.manifest import Skipped, write_manifest
+from cxrray.manifest import ManifestError, Skipped, write_manifest
 from cxrray.splits import LeakageReport, assign_splits, check_leakage
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,13 @@ def build_manifest(cfg: ManifestConfig) -> BuiltManifest:
 
     start = time.time()
     storage.check_store(cfg.out, what="manifest out")
+    storage.check_target(cfg.out, folder=False, what="manifest out")
     storage.check_store(cfg.root, what="root")
     res = load_source(cfg.source, cfg.root, **cfg.loader_options())
     df = res.manifest
+    if df.empty:  # as `cxrray score` refuses an input without images: a manifest of nothing is a mistake
+        why = ", ".join(f"{n} {r}" for r, n in sorted(res.skipped.counts().items())) or "no files"
+        raise ManifestError(f"{cfg.root}: no images for a manifest ({why})")
     if cfg.split:
         has_official = df["split"].notna().any()
         df = assign_splits(df, res.label_space, tuple(cfg.split), seed=cfg.seed, respect_existing=has_official)

@@ -247,7 +247,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[str]
         if _is_bool(f.annotation) and not missing:
             if default:
                 off = extra.get("off_flag", "--no-" + name.replace("_", "-"))
-                parser.add_argument(off, dest=name, action="store_false", default=True, help=text)
+                # The flag turns the setting off: its help says what it stops, not the default.
+                scope, _, what = (f.description or name).partition(": ") if re.match(r"^\w+: ", f.description or "") \
+                    else ("", "", f.description or name)
+                parser.add_argument(off, dest=name, action="store_false", default=True,
+                                    help=f"{scope + ': ' if scope else ''}do not {what} (on by default)".replace("%", "%%"))
             else:
                 parser.add_argument(flag, dest=name, action="store_true", default=False, help=text)
             continue

@@ -327,6 +327,25 @@ def check_store(path: str | os.PathLike, *, what: str = "path") -> None:
                            f"create it (e.g. `aws s3 mb {sch}://{bucket}`) or fix the URI")
 
 
+def check_target(path: str | os.PathLike, *, folder: bool, what: str = "output") -> None:
+    """Fail before any work when a local output cannot be made where asked: a folder wanted
+    where a file is (or a file where a folder is), or a file somewhere up its path. One line,
+    instead of a FileExistsError or NotADirectoryError from deep inside the job. URIs pass."""
+    p = os.fspath(path)
+    if is_uri(p):
+        return
+    target = Path(local_path(p)).expanduser().absolute()
+    if target.exists():
+        if folder and not target.is_dir():
+            raise StorageError(f"{what} {p}: is a file; give a folder")
+        if not folder and target.is_dir():
+            raise StorageError(f"{what} {p}: is a folder; give a file name in it")
+        return
+    above = next((q for q in target.parents if q.exists()), None)
+    if above is not None and not above.is_dir():
+        raise StorageError(f"{what} {p}: {above} is a file, so nothing can be made under it")
+
+
 def _classify(p: str, what: str, e: OSError) -> str:
     text = _first_line(e)
     low = text.lower()
