@@ -379,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_error(args, str(e))
     except ValidationError as e:
         return _config_error(args, one_line(e))
+    except KeyboardInterrupt:
+        log.error("interrupted")  # Ctrl-C is the user's choice: a line, not a traceback
+        return 130
     except (ValueError, FileNotFoundError, StorageError) as e:
         # User errors (bad CSV, missing column, wrong path) get one clear line, not a traceback.
         log.error("%s", e)

@@ -167,6 +167,28 @@ def test_inputs_that_cannot_be_scored_are_refused(tmp_path: Path) -> None:
         list_inputs(str(tmp_path / "n.csv"))
 
 
+def test_listing_odd_but_valid_inputs(tmp_path: Path, caplog) -> None:
+    """A folder whose name looks like a glob; one file written three ways in a CSV; files left
+    out by name are counted in a warning (a folder of TIFFs must not look scored)."""
+    import logging
+
+    batch = tmp_path / "batch[1]"
+    write_png(batch / "a.png")
+    (batch / "scan.tif").write_bytes(b"II*\0")
+    (batch / "notes.txt").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="cxrray.score.inputs"):
+        assert list_inputs(str(batch))["image_id"].tolist() == ["a.png"]
+    assert any("left out 2 files" in r.getMessage() and ".tif 1" in r.getMessage() for r in caplog.records)
+    (tmp_path / "l.csv").write_text(f"path\n{batch}/a.png\n{batch}/./a.png\n{tmp_path}/x/../batch[1]/a.png\n")
+    assert list_inputs(str(tmp_path / "l.csv"))["path"].tolist() == [str(batch / "a.png")]
+    (tmp_path / "latin.csv").write_bytes("path\ncaf\xe9.png\n".encode("latin-1"))
+    with pytest.raises(InputError, match="latin.csv: cannot be read as a UTF-8 CSV"):
+        list_inputs(str(tmp_path / "latin.csv"))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="bad.parquet: cannot be read as Parquet"):
+        list_inputs(str(tmp_path / "bad.parquet"))
+
+
 def test_a_csv_with_two_path_columns_is_refused_by_name(tmp_path: Path) -> None:
     (tmp_path / "l.csv").write_text("Path,path\n/a.png,/b.png\n")
     with pytest.raises(InputError, match="all mean 'path'"):

@@ -80,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         summary = score(cfg)
     except (ScoreError, StorageError, ArtifactError) as e:
         return _refused(args, e)
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; nothing committed is lost
+        log.error("interrupted: %s keeps every part committed so far; the same command resumes", cfg.out)
+        return 130
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)

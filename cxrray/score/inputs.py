@@ -8,8 +8,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import logging
 import os
 import posixpath
+from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
@@ -20,10 +22,14 @@ from cxrray import storage
 from cxrray.files import BAD_NAME, readable, walk_files
 from cxrray.score.errors import InputError
 
+log = logging.getLogger(__name__)
+
 # Extension-less names are included too: PACS exports name DICOM files by number or UID
 # (`IM000123`, `1.2.840.113619.2.55.3.1`), whose "suffix" is empty or digits. Anything that is
 # then not an image gets a `not_an_image` row, never a silent skip.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
+# Pictures by name that cxrray does not read: leaving them out of a listing is worth a warning.
+OTHER_PICTURES = frozenset({".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2", ".j2k", ".jpx", ".heic", ".dcm.gz", ".gz"})
 SKIP_NAMES = frozenset({"DICOMDIR"})  # the DICOM media index, not an image
 TABLE_SUFFIXES = (".csv", ".parquet")
 
@@ -47,12 +53,20 @@ def _list_dir(root: Path, exclude: str | None = None) -> pd.DataFrame:
     become error rows. `exclude`: a folder under root left out (the job's own --out)."""
     ids, paths, problems = [], [], []
     skip = exclude.rstrip("/") + "/" if exclude else None
+    left_out: Counter = Counter()
     for f in walk_files(root):
-        if not is_image_name(f.name) or (skip and f.path.startswith(skip)):  # root is resolved: no realpath per file
+        if skip and f.path.startswith(skip):  # root is resolved: no realpath per file
+            continue
+        if not is_image_name(f.name):
+            left_out[PurePosixPath(f.name).suffix.lower() or f.name] += 1
             continue
         ids.append(f.rel)
         paths.append(readable(os.path.abspath(f.path)) if f.problem else f.path)
         problems.append(f"{f.problem}: {f.detail}" if f.problem else None)
+    if left_out:  # by name, so no row: say so, or a folder of TIFFs looks scored
+        pictures = any(k in OTHER_PICTURES for k in left_out)  # a warning when they are pictures, not notes
+        log.log(logging.WARNING if pictures else logging.INFO, "%s: left out %d files whose names are not images "
+                "cxrray reads (%s)", root, sum(left_out.values()), ", ".join(f"{k} {n}" for k, n in left_out.most_common(6)))
     return _frame(ids, paths, problems)
 
 
@@ -88,13 +102,19 @@ def _list_uri(uri: str) -> pd.DataFrame:
 def _list_table(path: str) -> pd.DataFrame:
     """A CSV with a `path` column (relative paths are relative to the CSV) or any Parquet with
     one, e.g. a cxrray manifest; an `image_id` column is used when present. Local or a URI."""
-    if storage.name(path).lower().endswith(".parquet"):
-        pf = storage.parquet_file(path)
-        names = pf.schema_arrow.names
-        df = pf.read(columns=[c for c in ("image_id", "path") if c in names]).to_pandas()
-    else:
-        src = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
-        df = pd.read_csv(src, dtype=str, keep_default_na=False)
+    try:
+        if storage.name(path).lower().endswith(".parquet"):
+            pf = storage.parquet_file(path)
+            names = pf.schema_arrow.names
+            df = pf.read(columns=[c for c in ("image_id", "path") if c in names]).to_pandas()
+        else:
+            src = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+            df = pd.read_csv(src, dtype=str, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, OSError) as e:  # ArrowInvalid is a ValueError
+        if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, IsADirectoryError)):
+            raise  # a store that failed, not a malformed table: the caller's error
+        kind = "Parquet" if storage.name(path).lower().endswith(".parquet") else "a UTF-8 CSV"
+        raise InputError(f"{path}: cannot be read as {kind} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         for key in ("path", "image_id"):
             named = [c for c in df.columns if c.lower() == key]
             if len(named) > 1:
@@ -111,9 +131,13 @@ def _list_table(path: str) -> pd.DataFrame:
         resolved = [p if "://" in p or p.startswith("/") else storage.join(parent, p) for p in given]
     else:
         here = Path(path).parent
-        resolved = [p if "://" in p or os.path.isabs(p) else str((here / p).resolve()) for p in given]
-    ids = df["image_id"].astype(str) if "image_id" in df.columns else given
-    return _frame(ids, resolved)
+        # normpath: a/./x.png and a/x.png are one file, listed once
+        resolved = [p if "://" in p else os.path.normpath(p) if os.path.isabs(p) else str((here / p).resolve())
+                    for p in given]
+    if "image_id" in df.columns:
+        return _frame(df["image_id"].astype(str), resolved)
+    # Without ids, a file named twice (a/./x.png, a/x.png) is one image, under its first name.
+    return _frame(given, resolved).drop_duplicates("path").reset_index(drop=True)
 
 
 def _is_table(spec: str) -> bool:
@@ -129,7 +153,7 @@ def list_inputs(spec: str, exclude: str | None = None) -> pd.DataFrame:
         df = _list_table(spec) if _is_table(spec) and storage.is_file(spec) else _list_uri(spec)
     elif spec.startswith("file://"):
         df = _list_uri(spec)
-    elif glob.has_magic(spec):
+    elif glob.has_magic(spec) and not Path(spec).expanduser().exists():  # "batch[1]" may be a folder's own name
         df = _list_glob(spec)
     else:
         p = Path(spec).expanduser()
