@@ -181,6 +181,8 @@ def test_listing_odd_but_valid_inputs(tmp_path: Path, caplog) -> None:
     assert any("left out 2 files" in r.getMessage() and ".tif 1" in r.getMessage() for r in caplog.records)
     (tmp_path / "l.csv").write_text(f"path\n{batch}/a.png\n{batch}/./a.png\n{tmp_path}/x/../batch[1]/a.png\n")
     assert list_inputs(str(tmp_path / "l.csv"))["path"].tolist() == [str(batch / "a.png")]
+    (tmp_path / "upper.csv").write_text(f"PATH\n{batch}/a.png\n")  # a header in any case
+    assert list_inputs(str(tmp_path / "upper.csv"))["path"].tolist() == [str(batch / "a.png")]
     (tmp_path / "latin.csv").write_bytes("path\ncaf\xe9.png\n".encode("latin-1"))
     with pytest.raises(InputError, match="latin.csv: cannot be read as a UTF-8 CSV"):
         list_inputs(str(tmp_path / "latin.csv"))

@@ -114,12 +114,13 @@ def _list_table(path: str) -> pd.DataFrame:
         if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, IsADirectoryError)):
             raise  # a store that failed, not a malformed table: the caller's error
         kind = "Parquet" if storage.name(path).lower().endswith(".parquet") else "a UTF-8 CSV"
-        raise InputError(f"{path}: cannot be read as {kind} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        for key in ("path", "image_id"):
-            named = [c for c in df.columns if c.lower() == key]
-            if len(named) > 1:
-                raise InputError(f"{path}: columns {named} all mean {key!r}; keep one")
-        df = df.rename(columns={c: c.lower() for c in df.columns if c.lower() in ("path", "image_id")})
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{path}: cannot be read as {kind} ({reason})") from None
+    for key in ("path", "image_id"):  # a CSV's header in any case: Path, PATH
+        named = [c for c in df.columns if c.lower() == key]
+        if len(named) > 1:
+            raise InputError(f"{path}: columns {named} all mean {key!r}; keep one")
+    df = df.rename(columns={c: c.lower() for c in df.columns if c.lower() in ("path", "image_id")})
     if "path" not in df.columns:
         raise InputError(f"{path}: needs a 'path' column (found {list(df.columns)[:8]})")
     blank = df["path"].isna() | (df["path"].astype(str).str.strip() == "")
