@@ -265,7 +265,8 @@ class CXRServer:
             "task": space.task,
             "uncertain_classes": space.uncertain_classes,
             "classes": list(space.names),
-            "thresholds": dict(zip(space.names, meta.thresholds)),
+            # As /predict shows and decides them: float32, the dtype the probabilities are compared in.
+            "thresholds": dict(zip(space.names, (float(t) for t in self.predictor.thresholds))),
             "input": {"size": meta.preprocess.size, "channels": meta.preprocess.channels},
             "gradcam_layer": meta.gradcam_layer,
             "ensemble": {"members": meta.members, "tta": list(meta.tta)},  # 1 member, no views: one plain model

@@ -191,7 +191,9 @@ def test_healthz_and_model(url, artifact) -> None:
     m = requests.get(url + "/model", timeout=TIMEOUT).json()
     assert m["model_id"] == meta.model_id and m["architecture"] == "small_cnn"
     assert m["classes"] == list(SYNTHETIC_FINDINGS)
-    assert m["thresholds"] == dict(zip(SYNTHETIC_FINDINGS, meta.thresholds))
+    assert m["thresholds"] == pytest.approx(dict(zip(SYNTHETIC_FINDINGS, meta.thresholds)))
+    shown = post(url, "/predict", png_bytes(1)).json()["classes"]  # the same numbers /predict shows
+    assert m["thresholds"] == {name: c["threshold"] for name, c in shown.items()}
     assert m["input"] == {"size": 64, "channels": 1} and m["ensemble"] == {"members": 1, "tta": []}
     assert m["summary"] == {"val_mean_auroc": None, "epochs": 1}  # NaN -> null, history dropped
     assert m["limits"]["max_upload_bytes"] == MAX_UPLOAD
