@@ -24,6 +24,9 @@ def require_free_port(host: str, port: int) -> None:
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR, as the proxy itself binds: a port whose last server stopped a moment ago
+        # still has connections in TIME_WAIT, and that is free to serve on; a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as e:

@@ -451,6 +451,17 @@ def test_a_second_server_on_a_port_in_use_is_refused() -> None:
         with pytest.raises(PortInUse):
             require_free_port("0.0.0.0", port)
     require_free_port("127.0.0.1", free_port())  # a free one passes
+    # A server that just stopped leaves its connections in TIME_WAIT: the port is free to serve on.
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the server side closes first: its end of the connection goes to TIME_WAIT
+        client.close()
+    require_free_port("127.0.0.1", port)
 
 
 def test_server_still_answers_after_hostile_input(url) -> None:
