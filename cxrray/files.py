@@ -2,8 +2,11 @@
 every lister skips, follows and flags the same things.
 
 - Hidden names (a leading ".") are skipped, folders and files alike.
-- Folders reached through a symlink are followed, each real folder once: a second route to a
-  folder already walked (a link loop, a link to a sibling) is not walked again.
+- A symlink to a folder outside the root is followed, each real folder once. A link to a folder
+  inside the root (walked under its own name already, or to be) or to one of the root's parents
+  (a loop, or the root's siblings) is not: a file's id is its path under its real folder, so
+  adding a link never renames files.
+- A subfolder that cannot be listed (no permission: `lost+found`) is left out with a warning.
 - A file that cannot be listed as an image gets a `problem` instead of being dropped:
   `bad_name` (its name is not valid UTF-8: Parquet, Arrow and JSON hold only UTF-8, and one such
   name used to stop a whole job) or `not_a_file` (a named pipe, socket or device: opening a pipe
@@ -11,10 +14,13 @@ every lister skips, follows and flags the same things.
 """
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from dataclasses import dataclass
 from typing import Iterator
+
+log = logging.getLogger(__name__)
 
 BAD_NAME = "bad_name"
 NOT_A_FILE = "not_a_file"
@@ -44,25 +50,49 @@ def readable(text: str) -> str:
         return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
-def walk_files(root: str | os.PathLike[str], *, recursive: bool = True) -> Iterator[Found]:
-    """Every non-hidden file under `root`, in sorted order (folder by folder, depth first)."""
+def walk_files(root: str | os.PathLike[str], *, recursive: bool = True,
+               exclude: str | os.PathLike[str] | None = None) -> Iterator[Found]:
+    """Every non-hidden file under `root`, in sorted order (folder by folder, depth first).
+    exclude: a folder never entered, by whatever route (a job's own output inside its input)."""
     root = os.fspath(root)
-    yield from _walk(root, "", os.path.realpath(root), {os.path.realpath(root)}, recursive)
+    real = os.path.realpath(root)
+    seen = {real} | ({os.path.realpath(exclude)} if exclude else set())
+    yield from _walk(root, "", real, _Walk(real, seen, recursive))
 
 
-def _walk(folder: str, prefix: str, real: str, seen: set[str], recursive: bool) -> Iterator[Found]:
-    with os.scandir(folder) as it:
-        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+@dataclass
+class _Walk:
+    root: str  # real path
+    seen: set[str]  # real folders walked or never to walk
+    recursive: bool
+
+    def follows(self, link_target: str) -> bool:
+        """A linked folder is walked when it is outside the root and not one of its parents."""
+        inside = link_target == self.root or link_target.startswith(self.root.rstrip("/") + "/")
+        above = self.root.startswith(link_target.rstrip("/") + "/")
+        return not inside and not above
+
+
+def _walk(folder: str, prefix: str, real: str, walk: _Walk) -> Iterator[Found]:
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as e:
+        if not prefix:
+            raise  # the root itself: the caller's error
+        log.warning("cannot list %s (%s); its files are left out", readable(folder), e.strerror or e)
+        return
     for entry in entries:
         rel = prefix + entry.name
         if _is_dir(entry):
-            if not recursive:
+            if not walk.recursive:
                 continue
-            sub = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
-            if sub in seen:  # already walked by another route: a loop, or a second link to it
+            link = entry.is_symlink()
+            sub = os.path.realpath(entry.path) if link else os.path.join(real, entry.name)
+            if sub in walk.seen or (link and not walk.follows(sub)):
                 continue
-            seen.add(sub)
-            yield from _walk(entry.path, rel + "/", sub, seen, recursive)
+            walk.seen.add(sub)
+            yield from _walk(entry.path, rel + "/", sub, walk)
             continue
         shown = readable(rel)
         if shown != rel:

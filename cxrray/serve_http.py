@@ -58,7 +58,7 @@ async def _drain(request: Request, already: int, limit: int, idle_timeout_s: flo
             seen += len(chunk)
             if seen > limit:
                 return
-    except UploadError:  # stalled or gone: the 413 is the answer either way
+    except (UploadError, RuntimeError):  # stalled, gone, or the body was complete: the 413 is the answer
         return
 
 

@@ -34,6 +34,16 @@ def require_free_port(host: str, port: int) -> None:
                             "listens there; stop it or choose another --port") from None
 
 
+def _joins_a_cluster() -> bool:
+    """Whether ray.init() would join a running cluster rather than start one."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None) is not None
+    except Exception:  # noqa: BLE001 - Ray's internals moved: no check rather than a false refusal
+        return True
+
+
 def http_url(host: str | None = None) -> str:
     """The URL Serve's HTTP proxy listens on (the running instance's, not what was asked)."""
     from ray.serve.context import _get_global_client
@@ -67,8 +77,10 @@ def run_server(
 
     if not ray.is_initialized():
         # Our own Ray puts the proxy on this machine: its port must be free. A cluster joined
-        # instead places the proxy itself, and may already serve on the port (a redeploy).
-        require_free_port(host, port)
+        # instead (RAY_ADDRESS, a `ray start` here) places the proxy itself, and may already serve
+        # on the port (a redeploy).
+        if not _joins_a_cluster():
+            require_free_port(host, port)
         ray.init(include_dashboard=False, configure_logging=False)
         _started_ray = True
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": 60})

@@ -335,6 +335,13 @@ def check_target(path: str | os.PathLike, *, folder: bool, what: str = "output")
     if is_uri(p):
         return
     target = Path(local_path(p)).expanduser().absolute()
+    try:
+        _check_target(p, target, folder, what)
+    except PermissionError as e:
+        raise StorageError(f"{what} {p}: {e.strerror or e} on {e.filename or target}") from None
+
+
+def _check_target(p: str, target: Path, folder: bool, what: str) -> None:
     if target.exists():
         if folder and not target.is_dir():
             raise StorageError(f"{what} {p}: is a file; give a folder")

@@ -370,6 +370,27 @@ def test_multipart_without_file_field_and_unknown_routes(url) -> None:
     assert r.status_code == 405 and "error" in r.json()
 
 
+def test_a_body_whose_last_message_crosses_the_cap_is_413() -> None:
+    """The cap tripped on the final ASGI message: the stream was complete, and the drain that
+    followed raised "Stream consumed" (a 500) instead of answering 413."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from cxrray.serve_http import UploadError, read_upload
+
+    messages = [{"type": "http.request", "body": b"x" * 60, "more_body": True},
+                {"type": "http.request", "body": b"x" * 60, "more_body": False}]
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [], "query_string": b""}
+    with pytest.raises(UploadError) as err:
+        asyncio.run(read_upload(Request(scope, receive), cap=100))
+    assert err.value.status == 413
+
+
 def test_a_form_takes_exactly_one_file_part(url) -> None:
     png = png_bytes(7)
     r = post(url, "/predict", files=[("file", ("a.png", png)), ("file", ("b.png", png))])

@@ -52,11 +52,8 @@ def _list_dir(root: Path, exclude: str | None = None) -> pd.DataFrame:
     that cannot be scored (an undecodable name, a named pipe) kept with their problem: they
     become error rows. `exclude`: a folder under root left out (the job's own --out)."""
     ids, paths, problems = [], [], []
-    skip = exclude.rstrip("/") + "/" if exclude else None
     left_out: Counter = Counter()
-    for f in walk_files(root):
-        if skip and f.path.startswith(skip):  # root is resolved: no realpath per file
-            continue
+    for f in walk_files(root, exclude=exclude):
         if not is_image_name(f.name):
             left_out[PurePosixPath(f.name).suffix.lower() or f.name] += 1
             continue

@@ -259,6 +259,7 @@ def score(cfg: ScoreConfig) -> dict:
         if unreadable.any():  # never sent to a decoder: their error is known from the listing
             writer.add(_problem_rows(todo[unreadable], schema, meta.model_id))
             todo = todo[~unreadable].reset_index(drop=True)
+        todo = todo.drop(columns="problem")  # all None now: not carried through the pipeline
         with ray_for_job(cfg.ray_address) if len(todo) else nullcontext():  # nothing left: no cluster to start
             res, first_result = _run_pipeline(todo, cfg, meta.preprocess, writer, len(state.done))
         summary = summarize(out, inputs, meta.model_id, writer, len(state.done), time.perf_counter() - t0)

@@ -190,10 +190,11 @@ def refuse_foreign_output(out: str) -> None:
     out = storage.normalize(out)
     if not storage.exists(out):
         return
-    listing = list_output(out)
-    if listing.other and not listing.parts and read_manifest_json(out) is None:
-        raise OutputConflict(f"{out} is not empty and is not a predictions folder ({listing.other[:3]}); "
-                             "choose a new --out")
+    names = [rel for rel, _ in storage.list_files(out)]  # names only: no commit record is read
+    ours = any(PART_RE.match(n) for n in names) or MANIFEST in names
+    other = [n for n in names if not n.startswith(("_", ".")) and not PART_RE.match(n)]
+    if other and not ours:
+        raise OutputConflict(f"{out} is not empty and is not a predictions folder ({other[:3]}); choose a new --out")
 
 
 def scan_output(out: str, model_id: str, schema: pa.Schema, *, force_model: bool) -> OutputState:
