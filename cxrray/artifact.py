@@ -139,6 +139,19 @@ def read_meta(directory: str | Path) -> ModelMeta:
     return ModelMeta.from_dict(json.loads(text))
 
 
+def check_local_weights(directory: str | Path) -> None:
+    """A local artifact's model.pt against the sha256 in its model.json (a URI's is checked as
+    it is downloaded, in localize): a torn copy or a replaced file is one line here, where it
+    was a KeyError from torch.load in every scoring actor."""
+    d = storage.normalize(from_registry(directory))
+    meta = read_meta(d)
+    if storage.is_uri(d) or not meta.weights_sha256:
+        return
+    if file_sha256(Path(d) / WEIGHTS) != meta.weights_sha256:
+        raise ArtifactError(f"{d}: {WEIGHTS} does not match the sha256 in {META} (a partial copy, or a file "
+                            "replaced by hand); copy the artifact again")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("CXRRAY_CACHE", Path.home() / ".cache" / "cxrray")) / "artifacts"
 

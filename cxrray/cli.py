@@ -57,10 +57,10 @@ def _from_flags(cls_name: str) -> Callable[[argparse.Namespace], Any]:
 def _check_artifact(artifact: str) -> None:
     """A missing or unreadable artifact is one line before Ray or any work starts."""
     from cxrray import storage
-    from cxrray.artifact import read_meta
+    from cxrray.artifact import check_local_weights
 
     storage.check_store(artifact, what="--artifact")
-    read_meta(artifact)
+    check_local_weights(artifact)  # reads model.json too
 
 
 # --- synth -------------------------------------------------------------------------------------
@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.make_config is not None:
             args.cfg = args.make_config(args)
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError) as e:  # a --config that is not there, too
         return _config_error(args, str(e))
     except ValidationError as e:
         return _config_error(args, one_line(e))

@@ -257,6 +257,14 @@ class TrainConfig:
     def _fractions(cls, v):
         return check_fractions(v)
 
+    @field_validator("run_name")
+    @classmethod
+    def _one_folder(cls, v):
+        # A name, not a path: "../x" put a whole run outside storage_path.
+        if "/" in v or "\\" in v or v in (".", ".."):
+            raise ValueError("not a folder name: no '/', and not '.' or '..'")
+        return v
+
     @field_validator("aug_scale")
     @classmethod
     def _scale(cls, v):

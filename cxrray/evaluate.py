@@ -31,7 +31,7 @@ from cxrray.artifact import ModelMeta, read_meta
 from cxrray.gallery import gradcam_gallery
 from cxrray.heads import eval_targets
 from cxrray.labels import LabelSpace, TargetMap, UncertaintyConfig, sanitize
-from cxrray.manifest import read_manifest
+from cxrray.manifest import read_manifest, require_split_column
 from cxrray.metrics import Metrics, compute_metrics
 from cxrray.report import plot_roc_curves, plot_training_curves
 from cxrray.score.errors import OutputConflict, ScoreError
@@ -116,6 +116,7 @@ def split_rows(manifest: str | Path, split: str, meta: ModelMeta) -> tuple[pd.Da
     missing = [n for n in meta.label_space.names if n not in manifest_space.names]
     if missing:
         raise ValueError(f"{manifest} has no labels for the model's classes {missing}")
+    require_split_column(df, manifest)
     rows = df[df["split"] == split].reset_index(drop=True)
     if rows.empty:
         raise ValueError(f"{manifest}: split {split!r} is empty (splits: {df['split'].value_counts().to_dict()})")
@@ -198,6 +199,7 @@ def evaluate(artifact: str | Path, manifest: str | Path, out_dir: str | Path, *,
     checks = [("--artifact", artifact), ("--manifest", manifest), ("--out", out_dir)]
     for what, path in checks + ([("predictions", predictions)] if predictions is not None else []):
         storage.check_store(path, what=what)  # a missing bucket is one line, before any work
+    storage.check_target(out_dir, folder=True, what="--out")
     meta = read_meta(artifact)
     space = meta.label_space
     rows, data_space = split_rows(manifest, split, meta)

@@ -116,6 +116,13 @@ def read_manifest(path: str | Path) -> tuple[pd.DataFrame, LabelSpace]:
     return df, space
 
 
+def require_split_column(df: pd.DataFrame, path: str | Path) -> None:
+    """Training and evaluation read rows by split: a manifest built without one is one line."""
+    if "split" not in df.columns:
+        raise ManifestError(f"{path}: has no split column; build the manifest with a split "
+                            "(`cxrray manifest ... --split 0.8,0.1,0.1`)")
+
+
 def _refuse_policy_baked(path: str, space: dict, info: dict) -> None:
     """Manifests from before raw labels (cxrray < issue 11) hold CheXpert labels with an
     uncertainty policy already applied: -1 is gone, so neither a new policy nor an evaluation

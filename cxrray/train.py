@@ -30,7 +30,7 @@ from cxrray.console import Progress, setup_worker_logging
 from cxrray.engine import Precision, cosine_lr, predict_batches, score_predictions, set_lr, train_one_epoch
 from cxrray.labels import LabelSpace, TargetMap, resolve_label_names
 from cxrray.losses import ClassWeights, make_loss, upsample_rare
-from cxrray.manifest import read_manifest
+from cxrray.manifest import read_manifest, require_split_column
 from cxrray.models import build_model, gradcam_layer_path
 from cxrray.transforms import Augment, Preprocess
 
@@ -264,7 +264,7 @@ def _epoch_progress(epoch: int, cfg: TrainConfig, n_train: int, rank: int, world
                     logger=log)
 
 
-class NoReadableImages(RuntimeError):
+class NoReadableImages(ValueError):  # a ValueError: the CLI prints it as one line, as other data errors
     """Not one training or validation image could be read: every file of an epoch failed to
     load, or every file of the pre-flight sample (`_probe_training_files`)."""
 
@@ -447,6 +447,7 @@ def train_one(cfg: TrainConfig) -> TrainResult:
     start = time.time()
     # Before Ray starts: a missing bucket or refused credentials is one line, not a worker traceback.
     storage.check_store(cfg.storage_path, what="storage_path")
+    storage.check_target(storage.join(cfg.storage_path, cfg.run_name), folder=True, what="storage_path/run_name")
     storage.check_store(cfg.manifest, what="manifest")
     init_ray(cfg.ray_address, cfg.num_workers * cfg.cpus_per_worker)
     warn_if_storage_not_shared(cfg)
@@ -461,6 +462,7 @@ def train_one(cfg: TrainConfig) -> TrainResult:
     # policy (certain labels by default) for validation AUROC and the thresholds.
     train_targets = TargetMap.training(data_space, uncertainty)
     valid_targets = TargetMap.evaluation(data_space, cfg.val_labels, uncertainty)
+    require_split_column(df, cfg.manifest)
     train_df = df[df["split"] == "train"]
     valid_df = df[df["split"] == "valid"]
     if len(train_df) == 0 or len(valid_df) == 0:

@@ -107,6 +107,9 @@ def test_bad_override_exits_2_in_one_line_before_ray_is_imported():
     (["manifest", "--source", "kermany", "--root", "r", "--out", "m.parquet", "--views", "frontal"],
      "views: not an option of source 'kermany' (its options: classes, check_duplicates)"),
     (["demo", "--source", "nih"], "root: --source nih needs --root"),
+    (["train", "--config", "nope.yaml"], "config nope.yaml does not exist"),
+    (["train", "--config", "jobs/configs/synthetic_demo.yaml", "run_name=../escape"],
+     "run_name: '../escape': not a folder name"),  # a run outside storage_path
 ])
 def test_config_errors_are_one_line_and_exit_2(argv, line, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -261,3 +264,44 @@ def test_score_saves_its_resolved_config_and_resumes_past_it(ray_session, tmp_pa
     summary = _last_json(capsys.readouterr().out)
     assert summary["complete"] and summary["scored_this_run"] == 0 and summary["rows"] == 3
     assert len(read_predictions(tmp_path / "out")) == 3
+
+
+def test_evaluate_and_train_refuse_bad_outputs_manifests_and_weights_in_one_line(tmp_path, capsys):
+    """A file where --out should be, a manifest without a split column, and weights that do not
+    match model.json's sha256: each was a traceback (FileExistsError, KeyError 'split', a
+    KeyError from torch.load in every scoring actor)."""
+    import shutil
+
+    from test_serve import make_artifact
+
+    from cxrray.artifact import ArtifactError, check_local_weights
+    from cxrray.evaluate import split_rows
+    from cxrray.labels import SYNTHETIC_FINDINGS, LabelSpace
+    from cxrray.manifest import ManifestError, write_manifest
+    from cxrray.train import NoReadableImages
+
+    artifact = make_artifact(tmp_path / "art")
+    space = LabelSpace(SYNTHETIC_FINDINGS)
+    df = pd.DataFrame({"image_id": ["a"], "path": ["/x/a.png"], "patient_id": ["p"],
+                       **{c: [0.0] for c in space.columns}})
+    import pyarrow.parquet as pq
+
+    nosplit = write_manifest(df, space, tmp_path / "nosplit.parquet")
+    table = pq.read_table(nosplit)
+    if "split" in table.column_names:  # a manifest written by hand, or by another tool: no split
+        pq.write_table(table.drop(["split"]).replace_schema_metadata(table.schema.metadata), nosplit)
+    from cxrray.artifact import read_meta
+
+    with pytest.raises(ManifestError, match="has no split column"):
+        split_rows(nosplit, "test", read_meta(artifact))
+    (tmp_path / "afile").write_text("x")
+    assert main(["evaluate", "--artifact", str(artifact), "--manifest", str(nosplit), "--out",
+                 str(tmp_path / "afile"), "--json"]) == 2
+    assert "is a file" in _last_json(capsys.readouterr().out)["error"]
+    torn = tmp_path / "torn"
+    shutil.copytree(artifact, torn)
+    (torn / "model.pt").write_bytes(b"junk")
+    with pytest.raises(ArtifactError, match="does not match the sha256"):
+        check_local_weights(torn)
+    check_local_weights(artifact)  # the intact one passes
+    assert issubclass(NoReadableImages, ValueError)  # the CLI prints it as one line

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cxrray import storage
-    from cxrray.artifact import ArtifactError, read_meta
+    from cxrray.artifact import ArtifactError, check_local_weights
     from cxrray.score.errors import ScoreError
     from cxrray.score.pipeline import preflight, score
     from cxrray.storage import StorageError
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         preflight(cfg)  # a missing bucket or artifact is one line before any Ray process starts
-        read_meta(cfg.artifact)
+        check_local_weights(cfg.artifact)  # reads model.json too
     except (ConfigError, ScoreError, StorageError, ArtifactError) as e:
         return _refused(args, e)
     import ray
