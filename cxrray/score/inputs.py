@@ -152,7 +152,7 @@ def list_inputs(spec: str, exclude: str | None = None) -> pd.DataFrame:
     elif spec.startswith("file://"):
         df = _list_uri(spec)
     elif glob.has_magic(spec) and not Path(spec).expanduser().exists():  # "batch[1]" may be a folder's own name
-        df = _list_glob(spec)
+        df = _flag_bad_names(_list_glob(spec))
     else:
         p = Path(spec).expanduser()
         if p.is_dir():
@@ -160,10 +160,9 @@ def list_inputs(spec: str, exclude: str | None = None) -> pd.DataFrame:
         elif p.is_file() and _is_table(spec):
             df = _list_table(str(p))
         elif p.is_file():
-            df = _frame([p.name], [str(p.resolve())])
+            df = _flag_bad_names(_frame([p.name], [str(p.resolve())]))
         else:
             raise InputError(f"{spec}: no such file or folder")
-    df = _flag_bad_names(df)
     df = df.drop_duplicates(["image_id", "path"])
     clash = df["image_id"].duplicated(keep=False)
     if clash.any():
@@ -179,7 +178,8 @@ def list_inputs(spec: str, exclude: str | None = None) -> pd.DataFrame:
 
 
 def _flag_bad_names(df: pd.DataFrame) -> pd.DataFrame:
-    """Ids or paths that are not valid UTF-8 (a glob's or a table's): shown readable, flagged."""
+    """Ids or paths that are not valid UTF-8, shown readable and flagged. Only a glob or a named
+    file can hold them: a folder's walk flags its own, and CSV, Parquet and URI listings are UTF-8."""
     shown_ids, shown_paths = df["image_id"].map(readable), df["path"].map(readable)
     bad = (shown_ids != df["image_id"]) | (shown_paths != df["path"])
     if not bad.any():

@@ -163,8 +163,9 @@ def _run_pipeline(todo: pd.DataFrame, cfg: ScoreConfig, preprocess, writer: Part
 def _problem_rows(rows: pd.DataFrame, schema: pa.Schema, model_id: str) -> pa.Table:
     """Error rows for files the listing could not hand to a decoder (inputs.list_inputs' `problem`)."""
     n = len(rows)
+    reasons = [problem.partition(": ") for problem in rows["problem"]]  # "reason: detail"
     cols = {"image_id": rows["image_id"].tolist(), "path": rows["path"].tolist(),
-            "error": [f"{p.split(':', 1)[0]}: {path}:{p.split(':', 1)[1]}" for p, path in zip(rows["problem"], rows["path"])],
+            "error": [f"{reason}: {path}: {detail}" for (reason, _, detail), path in zip(reasons, rows["path"])],
             "model_id": [model_id] * n, "positive": [[] for _ in range(n)]}
     arrays = {f.name: pa.array(cols[f.name], f.type) if f.name in cols else pa.nulls(n, f.type) for f in schema
               if f.name in cols or f.name.startswith("p_")}
